@@ -1,0 +1,64 @@
+"""What one trajectory group is, per algorithm and phase (the actor's half of the algorithm).
+
+- GRPO / GiGPO (phase ``flat``): N flat episodes of one task.
+- HiMAC macro phase (planner learns, executor frozen): G blueprints for one task, each executed
+  once by the executor at a lower temperature (less noise in each blueprint's return).
+- HiMAC micro phase (executor learns, planner frozen): pick one blueprint z* for the task, then
+  execute it N times. z* is the best of ``probe_blueprints`` fresh samples, each run once (ties
+  go to the earliest sample), or the greedy plan. A random z* often fails in every run, leaving a
+  zero-variance group and no signal; the best probe makes the micro group informative.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from himac.protocol.config import AlgoConfig, RolloutConfig
+
+from .rollout import EpisodeRun, Rollout
+
+
+@dataclass
+class CollectedGroup:
+    level: str  # "macro" | "micro" | "flat"
+    runs: list[EpisodeRun]
+    probes: list[EpisodeRun]  # micro: the probe episodes that chose z* (not trained on)
+
+
+def pick_blueprint(probes: list[EpisodeRun], instruction: str) -> list[str]:
+    """z*: the blueprint of the highest-return probe (earliest on ties); the task itself if none parsed."""
+    parsed = [r for r in probes if r.blueprint]
+    if not parsed:
+        return [instruction]
+    best = max(range(len(parsed)), key=lambda i: (parsed[i].reward, -i))
+    return list(parsed[best].blueprint)
+
+
+def collect_group(rollout: Rollout, algo: AlgoConfig, rcfg: RolloutConfig, phase: str, task_id: str) -> CollectedGroup:
+    h = algo.himac
+    if algo.name in ("grpo", "gigpo"):
+        runs = rollout.run(task_id, algo.group_size, "flat", temperature=rcfg.temperature)
+        return CollectedGroup("flat", runs, [])
+    if phase == "macro":
+        runs = rollout.run(task_id, h.blueprints, "hier", temperature=h.frozen_executor_temperature,
+                           plan_temperature=h.plan_temperature)
+        return CollectedGroup("macro", runs, [])
+    # micro: fix z*, then N executions of it
+    if h.micro_blueprint == "greedy":
+        probes = rollout.run(task_id, 1, "hier", temperature=rcfg.temperature, plan_temperature=0.0)
+    else:
+        probes = rollout.run(task_id, h.probe_blueprints, "hier", temperature=rcfg.temperature,
+                             plan_temperature=h.probe_plan_temperature)
+    z_star = pick_blueprint(probes, probes[0].instruction)
+    kept: list[EpisodeRun] = []
+    if h.reuse_probe_episode:
+        kept = [r for r in probes if r.blueprint == z_star][:1]
+    runs = rollout.run(task_id, algo.group_size - len(kept), "hier", temperature=rcfg.temperature,
+                       blueprints=[z_star] * (algo.group_size - len(kept)))
+    return CollectedGroup("micro", kept + runs, probes)
+
+
+def pool_size(algo: AlgoConfig) -> int:
+    """Envs the actor needs at once: the largest batch any group runs in lockstep."""
+    if algo.name in ("grpo", "gigpo"):
+        return algo.group_size
+    return max(algo.group_size, algo.himac.blueprints, algo.himac.probe_blueprints)

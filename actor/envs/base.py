@@ -1,0 +1,76 @@
+"""The one interface every environment implements.
+
+An environment is text in, text out. A *task id* names the exact game
+(``sokoban/6x6b1/train/123``, ``alfworld/valid_unseen/<game dir>``, ``webshop/train/42``) so a
+group of episodes can replay the same task. Invalid-action penalties are *not* added here: the
+rollout adds ``rollout.invalid_action_penalty`` uniformly for every env; the env only says
+whether the action was invalid (unparseable text never reaches the env at all).
+"""
+from __future__ import annotations
+
+import abc
+import random
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
+
+
+@dataclass
+class Observation:
+    text: str  # what the agent sees now
+    admissible: list[str] | None = None  # admissible actions; None where the env has no list
+
+
+@dataclass
+class StepResult:
+    observation: Observation
+    reward: float  # environment reward of this step, without any invalid-action penalty
+    done: bool
+    won: bool
+    invalid: bool = False  # the action was not admissible: a no-op, state unchanged
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Env(abc.ABC):
+    name: ClassVar[str]
+    # verl-agent style role line that opens every prompt
+    role: ClassVar[str] = "You are an expert agent."
+    # extra guidance for the acting model (symbols, rules); may be empty
+    guide: ClassVar[str] = ""
+    max_steps: int
+
+    @abc.abstractmethod
+    def splits(self) -> list[str]: ...
+
+    @abc.abstractmethod
+    def task_ids(self, split: str) -> Sequence[str]:
+        """All task ids of a finite split (may be lazily generated, e.g. seeded Sokoban)."""
+
+    def sample_task(self, split: str, rng: random.Random) -> str:
+        ids = self.task_ids(split)
+        return ids[rng.randrange(len(ids))]
+
+    @abc.abstractmethod
+    def reset(self, task_id: str) -> Observation: ...
+
+    @abc.abstractmethod
+    def step(self, action: str) -> StepResult: ...
+
+    @abc.abstractmethod
+    def instruction(self) -> str:
+        """The task in words, as the planner and executor see it."""
+
+    @abc.abstractmethod
+    def task_type(self) -> str:
+        """Category for per-type success tables (ALFWorld's six types, WebShop category, ...)."""
+
+    @abc.abstractmethod
+    def state_key(self) -> str:
+        """Identity of the exact environment state (GiGPO anchor states): equal iff same state."""
+
+    @classmethod
+    def failure_return(cls, max_steps: int) -> float:
+        """Return of an episode that runs out of steps without progress (a failed plan earns this)."""
+        return 0.0
+
+    def close(self) -> None:
+        pass

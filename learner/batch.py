@@ -1,0 +1,129 @@
+"""From trajectory groups to training samples: advantages on the right tokens, nothing else.
+
+Which tokens take gradient is decided by the group's level:
+- macro group -> planner tokens only (LEVEL_PLANNER), each blueprint's advantage;
+- micro group -> executor tokens only (LEVEL_EXECUTOR), each run's advantage
+  (+ optional GiGPO anchor-state term);
+- flat group  -> the agent's action tokens (LEVEL_EXECUTOR), episode advantage
+  (+ GiGPO's step term for ``gigpo``).
+Context tokens (prompts, observations) never take gradient. Turns with no trainable token are
+not sent to the model at all (a macro batch is only the planner turns).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from himac.protocol import LEVEL_EXECUTOR, LEVEL_PLANNER, TrajectoryGroup
+from himac.protocol.arrays import unpack
+from himac.protocol.config import AlgoConfig
+
+from .advantages import anchor_step_advantages, group_advantages
+
+TRAIN_LEVEL = {"macro": LEVEL_PLANNER, "micro": LEVEL_EXECUTOR, "flat": LEVEL_EXECUTOR}
+
+
+@dataclass
+class Sample:
+    """One turn to train on: the full sequence, and per generated token its target data."""
+
+    input_ids: np.ndarray  # int64 [prompt + response]
+    prompt_len: int
+    behav_logp: np.ndarray  # float32 [response]
+    adv: np.ndarray  # float32 [response]
+    mask: np.ndarray  # float32 [response]: 1 where this token takes gradient
+    temperature: float
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.mask.sum())
+
+
+@dataclass
+class Batch:
+    samples: list[Sample]
+    stats: dict = field(default_factory=dict)
+
+
+def uses_step_advantage(algo: AlgoConfig, level: str) -> bool:
+    return (algo.name == "gigpo" and level == "flat") or (
+        algo.name == "himac" and level == "micro" and algo.himac.micro_step_advantage)
+
+
+def group_samples(group: TrajectoryGroup, algo: AlgoConfig) -> tuple[list[Sample], dict]:
+    """Samples of one group plus the facts about it the learner logs."""
+    eps_list = group.episodes
+    ga = group_advantages([e.reward for e in eps_list], algo.norm, algo.eps)
+    step_adv = None
+    info = {"degenerate": int(ga.degenerate), "anchor_groups": 0}
+    if uses_step_advantage(algo, group.level):
+        sa = anchor_step_advantages([unpack("step_rewards", e.step_rewards) for e in eps_list],
+                                    [unpack("step_states", e.step_states) for e in eps_list],
+                                    algo.gigpo.gamma, algo.gigpo.step_norm, algo.eps)
+        step_adv, info["anchor_groups"] = sa.per_episode, sa.anchor_groups
+    level = TRAIN_LEVEL[group.level]
+    samples: list[Sample] = []
+    for e_idx, ep in enumerate(eps_list):
+        tokens = unpack("tokens", ep.tokens)
+        logprobs = unpack("logprobs", ep.logprobs)
+        levels = unpack("levels", ep.levels)
+        loss_mask = unpack("loss_mask", ep.loss_mask)
+        starts = unpack("turn_starts", ep.turn_starts)
+        plens = unpack("prompt_lens", ep.prompt_lens)
+        steps = unpack("turn_steps", ep.turn_steps)
+        temps = unpack("turn_temps", ep.turn_temps)
+        ends = np.append(starts[1:], len(tokens))
+        for t in range(len(starts)):
+            s, e, p = int(starts[t]), int(ends[t]), int(plens[t])
+            resp = slice(s + p, e)
+            mask = ((levels[resp] == level) & (loss_mask[resp] == 1)).astype(np.float32)
+            if not mask.any():
+                continue
+            a = float(ga.advantages[e_idx])
+            if step_adv is not None and steps[t] >= 0:
+                a += algo.gigpo.step_weight * float(step_adv[e_idx][steps[t]])
+            samples.append(Sample(
+                input_ids=tokens[s:e].astype(np.int64), prompt_len=p,
+                behav_logp=logprobs[resp].astype(np.float32), adv=np.full(e - s - p, a, dtype=np.float32),
+                mask=mask, temperature=float(temps[t]) if temps[t] > 0 else 1.0))
+    return samples, info
+
+
+def build_batch(groups: list[TrajectoryGroup], algo: AlgoConfig) -> Batch:
+    samples: list[Sample] = []
+    degenerate = anchor_groups = 0
+    for g in groups:
+        s, info = group_samples(g, algo)
+        samples += s
+        degenerate += info["degenerate"]
+        anchor_groups += info["anchor_groups"]
+    eps = [e for g in groups for e in g.episodes]
+    advs = np.concatenate([s.adv[s.mask > 0] for s in samples]) if samples else np.zeros(0)
+    sub_done = sum(e.sub_done for e in eps)
+    forced = sum(e.forced_advances for e in eps)
+    planned = [len(e.blueprint) for e in eps if e.blueprint]
+    levels = [g.level for g in groups]
+    stats = {
+        "groups": len(groups),
+        "episodes": len(eps),
+        "reward_mean": float(np.mean([e.reward for e in eps])) if eps else 0.0,
+        "success_rate": float(np.mean([e.won for e in eps])) if eps else 0.0,
+        "degenerate_groups": degenerate,
+        "anchor_groups": anchor_groups,
+        "macro_groups": levels.count("macro"),
+        "micro_groups": levels.count("micro"),
+        "flat_groups": levels.count("flat"),
+        "samples": len(samples),
+        "train_tokens": int(sum(s.n_tokens for s in samples)),
+        "adv_mean": float(advs.mean()) if advs.size else 0.0,
+        "adv_std": float(advs.std()) if advs.size else 0.0,
+        "adv_abs_max": float(np.abs(advs).max()) if advs.size else 0.0,
+        "plan_failure_rate": float(np.mean([e.plan_failed for e in eps])) if eps else 0.0,
+        "sub_done_rate": sub_done / (sub_done + forced) if sub_done + forced else 0.0,
+        "budget_fallback_rate": forced / (sub_done + forced) if sub_done + forced else 0.0,
+        "subgoals_mean": float(np.mean(planned)) if planned else 0.0,
+        "invalid_action_rate": (sum(e.invalid_actions for e in eps)
+                                / max(1, sum(len(e.step_rewards) // 4 for e in eps))),
+    }
+    return Batch(samples, stats)

@@ -1,0 +1,90 @@
+"""The policy loss, as small pure functions of per-token tensors.
+
+Objective (``objective``):
+- ``ppo``: the PPO clipped surrogate with ratio pi_theta / pi_behav (the actor's logprobs).
+- ``decoupled`` (default; AReaL's decoupled PPO, arXiv 2505.24298): clip the ratio against the
+  *proximal* policy pi_prox (the learner's weights at the start of this update) and correct
+  for the actor's stale behaviour policy with the importance weight w = pi_prox / pi_behav.
+  Tokens with w > ``cap`` are dropped from the loss (AReaL's ``behav_imp_weight_cap``: it
+  filters, rather than truncates, so a few very stale tokens cannot dominate an update).
+  Why this variant: with asynchronous actors the behaviour policy lags by several versions;
+  plain PPO would clip most stale tokens to zero gradient, while decoupling keeps the trust
+  region around the current policy and still uses the data.
+
+Aggregation is token-mean over the masked tokens of the *whole* batch: callers pass the
+global token count as ``denom`` so micro-batches and data-parallel ranks sum to one mean.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: torch.Tensor | float) -> torch.Tensor:
+    """log pi(target) under logits / temperature; logits [B, T, V], targets [B, T]."""
+    if isinstance(temperature, torch.Tensor):
+        temperature = temperature.to(logits.dtype)[:, None, None]
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def token_entropy(logits: torch.Tensor, temperature: torch.Tensor | float) -> torch.Tensor:
+    if isinstance(temperature, torch.Tensor):
+        temperature = temperature.to(logits.dtype)[:, None, None]
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimator of KL(pi || ref): exp(ref - logp) - (ref - logp) - 1 >= 0."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+@dataclass
+class LossParts:
+    loss: torch.Tensor  # scalar to backpropagate (already divided by denom)
+    clipped: torch.Tensor  # count of tokens whose ratio was clipped
+    capped: torch.Tensor  # count of tokens dropped by the behaviour-weight cap
+    ratio_sum: torch.Tensor
+    kl_sum: torch.Tensor
+    entropy_sum: torch.Tensor
+
+
+def policy_loss(logp: torch.Tensor, behav_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, denom: float, *,
+                clip_eps: float = 0.2, objective: str = "decoupled", cap: float = 5.0,
+                prox_logp: torch.Tensor | None = None, ref_logp: torch.Tensor | None = None, kl_beta: float = 0.0,
+                entropy: torch.Tensor | None = None, entropy_coef: float = 0.0) -> LossParts:
+    """-sum_t mask * [w * min(r A, clip(r, 1-e, 1+e) A) - beta KL + c H] / denom."""
+    mask = mask.to(logp.dtype)
+    if objective == "ppo":
+        ratio = torch.exp(logp - behav_logp)
+        weight = torch.ones_like(logp)
+        keep = mask
+    elif objective == "decoupled":
+        prox = (prox_logp if prox_logp is not None else logp).detach()
+        ratio = torch.exp(logp - prox)
+        weight = torch.exp(prox - behav_logp).detach()
+        keep = mask * (weight <= cap).to(mask.dtype)
+    else:
+        raise ValueError(f"unknown objective {objective!r}")
+    clipped_ratio = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
+    surrogate = torch.minimum(ratio * adv, clipped_ratio * adv)
+    per_token = -weight * surrogate
+    kl_sum = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    if ref_logp is not None and kl_beta > 0:
+        kl = kl_k3(logp, ref_logp)
+        per_token = per_token + kl_beta * kl
+        kl_sum = (kl * mask).sum().detach()
+    ent_sum = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    if entropy is not None:
+        ent_sum = (entropy * mask).sum().detach()
+        if entropy_coef > 0:
+            per_token = per_token - entropy_coef * entropy
+    loss = (per_token * keep).sum() / denom
+    with torch.no_grad():
+        clipped = (((ratio * adv) > (clipped_ratio * adv)).to(mask.dtype) * mask).sum()
+        capped = (mask - keep).sum()
+        ratio_sum = (ratio * mask).sum()
+    return LossParts(loss, clipped, capped, ratio_sum, kl_sum, ent_sum)

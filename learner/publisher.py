@@ -1,0 +1,160 @@
+"""Weight transports: how a new policy version reaches the actors.
+
+- ``disk``: safetensors in ``RUN/weights/v000042/model.safetensors`` beside the model's
+  config.json (so SGLang's ``update_weights_from_disk`` can load the folder), written to a temp
+  folder and renamed: a reader never sees a half-written version.
+- ``zmq``: the same bytes kept in memory and served in chunks by a ROUTER socket, for actors in
+  containers that share no volume with the learner.
+(NCCL broadcast for SGLang on GPUs lives with the SGLang backend: ``learner/nccl_sync.py``.)
+Every announcement carries the payload's size and sha256, which the actor verifies.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+import zmq
+
+from himac.protocol import FetchWeights, Rejected, WeightsAnnouncement, WeightsChunk, decode, encode
+
+log = logging.getLogger(__name__)
+
+
+def serialize(state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> bytes:
+    """safetensors bytes; a tensor sharing storage with an earlier one (tied weights) is written once."""
+    from safetensors.torch import save
+
+    seen: set[int] = set()
+    out: dict[str, torch.Tensor] = {}
+    for name, t in state_dict.items():
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:
+            continue
+        seen.add(ptr)
+        t = t.detach().cpu()
+        out[name] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
+    return save(out)
+
+
+class DiskPublisher:
+    transport = "disk"
+
+    def __init__(self, directory: str | os.PathLike, model_dir: str, keep: int = 3):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.model_dir = Path(model_dir)
+        self.keep = keep
+
+    def publish(self, payload: bytes, version: int, phase: str, learner_id: str) -> WeightsAnnouncement:
+        final = self.dir / f"v{version:06d}"
+        tmp = self.dir / f".tmp-v{version:06d}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for name in ("config.json", "generation_config.json"):
+            if (self.model_dir / name).exists():
+                shutil.copy(self.model_dir / name, tmp / name)
+        with open(tmp / "model.safetensors", "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        shutil.rmtree(final, ignore_errors=True)  # a resumed learner re-publishes its version
+        os.replace(tmp, final)
+        self._prune(version)
+        return WeightsAnnouncement(version=version, phase=phase, learner_id=learner_id, transport="disk",
+                                   location=str((final / "model.safetensors").resolve()), size=len(payload),
+                                   sha256=hashlib.sha256(payload).hexdigest(), created_at=time.time())
+
+    def _prune(self, newest: int) -> None:
+        # keep a few old versions: an actor may still be reading one
+        versions = sorted(p for p in self.dir.glob("v*") if p.is_dir())
+        for p in versions[:-self.keep]:
+            shutil.rmtree(p, ignore_errors=True)
+
+    def close(self) -> None:
+        pass
+
+
+class ZmqPublisher:
+    """Serves the latest payloads over a ROUTER: actors ask for byte ranges (FetchWeights)."""
+
+    transport = "zmq"
+
+    def __init__(self, bind_host: str, port: int, advertise_host: str, keep: int = 2, max_chunk: int = 64 << 20,
+                 curve=None):
+        self._payloads: OrderedDict[int, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+        self.keep, self.max_chunk = keep, max_chunk
+        self.rejected = 0
+        ctx = zmq.Context.instance()
+        self._sock = ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, 1 << 16)  # requests are tiny
+        if curve is not None:
+            curve.server(self._sock)
+        if port:
+            self._sock.bind(f"tcp://{bind_host}:{port}")
+            self.port = port
+        else:
+            self.port = self._sock.bind_to_random_port(f"tcp://{bind_host}")
+        self.endpoint = f"tcp://{advertise_host}:{self.port}"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="weights-zmq", daemon=True)
+        self._thread.start()
+
+    def publish(self, payload: bytes, version: int, phase: str, learner_id: str) -> WeightsAnnouncement:
+        with self._lock:
+            self._payloads[version] = payload
+            while len(self._payloads) > self.keep:
+                self._payloads.popitem(last=False)
+        return WeightsAnnouncement(version=version, phase=phase, learner_id=learner_id, transport="zmq",
+                                   location=self.endpoint, size=len(payload),
+                                   sha256=hashlib.sha256(payload).hexdigest(), created_at=time.time())
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            if not self._sock.poll(100):
+                continue
+            try:
+                ident, frame = self._sock.recv_multipart(copy=False)
+            except ValueError:
+                self.rejected += 1
+                continue
+            try:
+                req = decode(frame.buffer, 1 << 16)
+            except Rejected:
+                self.rejected += 1
+                continue
+            if not isinstance(req, FetchWeights):
+                self.rejected += 1
+                continue
+            with self._lock:
+                payload = self._payloads.get(req.version)
+            if payload is None:
+                reply = WeightsChunk(version=req.version, offset=req.offset, data=b"",
+                                     error=f"version {req.version} no longer served")
+            else:
+                end = min(len(payload), req.offset + max(0, min(req.length, self.max_chunk)))
+                reply = WeightsChunk(version=req.version, offset=req.offset,
+                                     data=memoryview(payload)[max(0, req.offset):end])
+            self._sock.send_multipart([ident, encode(reply)], copy=False)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self._sock.close(0)
+
+
+def make_publisher(transport: str, run_dir: str, model_dir: str, bind_host: str, advertise_host: str,
+                   port: int = 0, curve=None):
+    if transport == "disk":
+        return DiskPublisher(Path(run_dir) / "weights", model_dir)
+    if transport == "zmq":
+        return ZmqPublisher(bind_host, port, advertise_host, curve=curve)
+    raise ValueError(f"learner.weights_transport: unknown transport {transport!r}")

@@ -1,0 +1,246 @@
+"""The run configuration: one file, every section, validated at start.
+
+Learner, actors and the launcher all read the same file, so its schema belongs to the
+contract beside the wire messages. Every struct forbids unknown fields and carries range
+constraints, so a typo or a bad value fails at start with the field's path named
+(``Object contains unknown field `lr` - at `$.learner` ``).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+PosInt = Annotated[int, Meta(ge=1)]
+NonNegInt = Annotated[int, Meta(ge=0)]
+PosFloat = Annotated[float, Meta(gt=0)]
+NonNegFloat = Annotated[float, Meta(ge=0)]
+Prob = Annotated[float, Meta(ge=0, le=1)]
+Port = Annotated[int, Meta(ge=0, le=65535)]
+
+SHARED_DIR_DEFAULT = os.environ.get("HIMAC_SHARED", str(Path(__file__).resolve().parents[1].parent / "shared"))
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+# --------------------------------------------------------------------------- environments
+class SokobanConfig(_Section):
+    dim: Annotated[int, Meta(ge=4, le=16)] = 6  # room is dim x dim including the outer wall
+    boxes: Annotated[int, Meta(ge=1, le=4)] = 1
+    # reverse-play pulls used to scatter boxes away from targets; more = harder
+    search_depth: Annotated[int, Meta(ge=1, le=300)] = 30
+    max_steps: PosInt = 15
+    test_size: PosInt = 200  # seeded held-out rooms of the `test` split
+    test_seed: int = 20_261_125
+
+
+class AlfworldConfig(_Section):
+    # folder holding alfworld_json_2.1.1.tar.xz / alfworld_valid_unseen.tar.xz; env HIMAC_ALFWORLD_DATA
+    # overrides; empty = <shared>/data/alfworld
+    data_dir: str = ""
+    # where a tarball is unpacked once (atomic, locked); empty = $XDG_CACHE_HOME or ~/.cache, + /himac/alfworld
+    cache_dir: str = ""
+    max_steps: PosInt = 50  # env steps per episode, invalid actions included (verl-agent: 50)
+    win_reward: NonNegFloat = 10.0  # reward of the winning step, 0 otherwise (verl-agent: 10 * won)
+
+
+class WebshopConfig(_Section):
+    data_dir: str = ""  # folder with items_*.json.xz; env HIMAC_WEBSHOP_DATA overrides
+    max_steps: PosInt = 15
+    eval_goals: PosInt = 500  # first N shuffled goals are held out (the `test` split)
+    win_reward: float = 10.0  # reward at the end = win_reward * score (or * won, see reward_shape)
+    # "score": win_reward * score (dense); "win": win_reward iff score == 1 else 0 (what verl-agent trains on)
+    reward_shape: Literal["score", "win"] = "score"
+    # seeds the purchase-price draws of range-priced products and each goal's price bound; the
+    # original draws these from Python's unseeded global RNG, so they differ per process there
+    price_seed: int = 233
+    # nouns for the title score: "rules" (built-in, no model) or "spacy" (en_core_web_sm, as the original)
+    title_nouns: Literal["rules", "spacy"] = "rules"
+    # the original text env runs search[...] from any page; False: only where the search box is (else invalid)
+    search_anywhere: bool = False
+    # True: match goal options as the original does for synthetic goals, (name, value) tuples against
+    # chosen values (458 of 6,910 goals then unwinnable); False: values against values
+    options_as_pairs: bool = False
+
+
+class EnvConfig(_Section):
+    name: Literal["sokoban", "alfworld", "webshop"] = "sokoban"
+    split: str = "train"
+    # episodes of a group step in this many subprocesses (0 = in the actor process)
+    workers: NonNegInt = 0
+    sokoban: SokobanConfig = msgspec.field(default_factory=SokobanConfig)
+    alfworld: AlfworldConfig = msgspec.field(default_factory=AlfworldConfig)
+    webshop: WebshopConfig = msgspec.field(default_factory=WebshopConfig)
+
+
+# --------------------------------------------------------------------------- algorithm
+class ScheduleConfig(_Section):
+    """Co-evolution: alternate fixed-length phases; the other level is frozen (loss-masked)."""
+
+    first: Literal["micro", "macro"] = "micro"  # executor first: plans mean nothing to an untrained executor
+    micro_steps: PosInt = 10  # learner steps per executor (micro) phase
+    macro_steps: PosInt = 5  # learner steps per planner (macro) phase
+
+
+class HimacConfig(_Section):
+    blueprints: Annotated[int, Meta(ge=2)] = 8  # G: blueprints per task in a macro group
+    max_subgoals: PosInt = 4
+    subgoal_budget: NonNegInt = 0  # executor steps per subgoal; 0 = ceil(max_steps / K) + 2
+    # how the micro phase picks the fixed blueprint z*: best of `probe_blueprints` fresh samples,
+    # each run once (ties -> earliest), or the greedy (temperature 0) plan
+    micro_blueprint: Literal["best_of_probe", "greedy"] = "best_of_probe"
+    probe_blueprints: PosInt = 2
+    # count z*'s probe run as one of the N micro episodes; off by default: it was picked *because*
+    # it scored best, so keeping it biases the micro group's mean (winner's curse)
+    reuse_probe_episode: bool = False
+    plan_temperature: NonNegFloat = 1.0
+    frozen_executor_temperature: NonNegFloat = 0.4  # macro phase: less executor noise in R_i
+    # return of an episode whose blueprint does not parse; None = the env's no-progress return
+    # (0 for ALFWorld / WebShop, the summed step penalties for Sokoban) so failing never beats trying
+    plan_failure_reward: float | None = None
+    probe_plan_temperature: NonNegFloat = 0.7  # micro phase: planner samples the probes for z*
+    micro_step_advantage: bool = False  # GiGPO anchor-state refinement inside micro groups (ablation)
+    schedule: ScheduleConfig = msgspec.field(default_factory=ScheduleConfig)
+
+
+class GigpoConfig(_Section):
+    gamma: Prob = 0.95
+    step_weight: NonNegFloat = 1.0  # omega
+    step_norm: Literal["mean_std", "mean"] = "mean"
+
+
+class AlgoConfig(_Section):
+    name: Literal["himac", "grpo", "gigpo"] = "himac"
+    group_size: Annotated[int, Meta(ge=2)] = 8  # N: episodes per group (micro / GRPO / GiGPO)
+    norm: Literal["mean_std", "mean"] = "mean_std"  # group normalisation of returns
+    eps: PosFloat = 1e-6
+    himac: HimacConfig = msgspec.field(default_factory=HimacConfig)
+    gigpo: GigpoConfig = msgspec.field(default_factory=GigpoConfig)
+
+
+# --------------------------------------------------------------------------- rollout (actor side)
+class RolloutConfig(_Section):
+    temperature: NonNegFloat = 1.0
+    top_p: Annotated[float, Meta(gt=0, le=1)] = 1.0
+    max_new_tokens: PosInt = 32  # per executor / flat turn
+    plan_max_new_tokens: PosInt = 64
+    max_prompt_tokens: PosInt = 2048
+    history_length: NonNegInt = 2
+    invalid_action_penalty: NonNegFloat = 0.1
+    think: bool = False  # ask for <think>...</think> before the action (real models: True)
+
+
+# --------------------------------------------------------------------------- roles
+class LearnerConfig(_Section):
+    bind_host: str = "127.0.0.1"  # where the learner listens; non-loopback without CURVE logs a warning
+    advertise_host: str = ""  # how actors reach this host (zmq weights endpoint); default bind_host / hostname
+    port: Port = 5555  # ROUTER: hello / heartbeat / groups in, welcome / acks / credits out (0 = any free port)
+    pub_port: Port = 5556  # PUB: weight announcements
+    weights_port: Port = 0  # ROUTER serving weight bytes (weights_transport: zmq); 0 = any free port
+    device: str = "cpu"  # "cuda" under a GPU launcher (each rank uses its LOCAL_RANK device)
+    steps: PosInt = 30
+    batch_groups: PosInt = 4  # groups consumed per optimiser step
+    lr: PosFloat = 1e-4
+    weight_decay: NonNegFloat = 0.0
+    clip_eps: PosFloat = 0.2
+    kl_beta: NonNegFloat = 0.01
+    entropy_coef: NonNegFloat = 0.0
+    # "decoupled": AReaL's decoupled PPO (clip against the proximal policy, behaviour
+    # importance weight capped); "ppo": plain clipped ratio against behaviour logprobs
+    objective: Literal["decoupled", "ppo"] = "decoupled"
+    behav_imp_weight_cap: PosFloat = 5.0
+    max_staleness: NonNegInt = 4  # groups older than this many versions are dropped
+    micro_batch_seqs: PosInt = 64  # sequences per forward/backward chunk
+    credits_per_actor: PosInt = 2
+    queue_max_groups: PosInt = 64
+    checkpoint_every: NonNegInt = 10  # learner steps; 0 = only at the end
+    keep_checkpoints: PosInt = 2
+    save_model_every: NonNegInt = 0  # save_pretrained every N steps; 0 = only at the end
+    weights_transport: Literal["disk", "zmq"] = "disk"
+    max_message_bytes: PosInt = 256 * 1024 * 1024
+    heartbeat_timeout_s: PosFloat = 30.0
+    seed: int = 0
+
+
+class ActorConfig(_Section):
+    learner: str = "tcp://127.0.0.1:5555"  # the learner's ROUTER; its PUB is announced in Welcome
+    backend: Literal["transformers", "sglang"] = "transformers"
+    device: str = "cpu"
+    threads: NonNegInt = 1  # torch intra-op threads for the transformers backend (0 = torch default)
+    heartbeat_s: PosFloat = 2.0
+    reconnect_max_s: PosFloat = 10.0  # longest back-off between hellos while the learner is away
+    learner_timeout_s: PosFloat = 10.0  # no reply for this long: the learner is gone, reconnect
+    resend_after_s: PosFloat = 60.0  # resend a group still un-acked after this long
+    weights_timeout_s: PosFloat = 300.0  # a weight transfer slower than this fails; the old version stays
+    spool_dir: str = ""  # unacked groups survive a restart here; default RUN/spool/<actor_id>
+    max_message_bytes: PosInt = 256 * 1024 * 1024
+    seed: int = 0
+
+
+class RunConfig(_Section):
+    out: str = "runs/default"
+    model: str = ""  # any HF causal-LM dir; empty = build a tiny one into OUT/init-model
+    actors: PosInt = 2
+    env: EnvConfig = msgspec.field(default_factory=EnvConfig)
+    algo: AlgoConfig = msgspec.field(default_factory=AlgoConfig)
+    rollout: RolloutConfig = msgspec.field(default_factory=RolloutConfig)
+    learner: LearnerConfig = msgspec.field(default_factory=LearnerConfig)
+    actor: ActorConfig = msgspec.field(default_factory=ActorConfig)
+    # a DeepSpeed JSON config, passed through; validated by DeepSpeed at start
+    deepspeed: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema; the message names the field."""
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read a YAML/JSON/TOML file (or nothing: all defaults), apply dotted overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        text = p.read_bytes()
+        try:
+            if p.suffix == ".json":
+                raw = msgspec.json.decode(text)
+            elif p.suffix == ".toml":
+                raw = msgspec.toml.decode(text)
+            else:
+                raw = msgspec.yaml.decode(text)
+        except msgspec.DecodeError as e:
+            raise ConfigError(f"{p}: cannot parse: {e}") from None
+        raw = raw or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    try:
+        return msgspec.convert(raw, RunConfig, strict=True)
+    except msgspec.ValidationError as e:
+        where = f"{path}: " if path else ""
+        raise ConfigError(f"invalid config: {where}{e}") from None
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {dotted}: {key} is not a section")
+    node[leaf] = value
+
+
+def dump_config(cfg: RunConfig) -> bytes:
+    return msgspec.yaml.encode(cfg)
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return msgspec.to_builtins(cfg)
