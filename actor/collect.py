@@ -36,23 +36,23 @@ def pick_blueprint(probes: list[EpisodeRun], instruction: str) -> list[str]:
 def collect_group(rollout: Rollout, algo: AlgoConfig, rcfg: RolloutConfig, phase: str, task_id: str) -> CollectedGroup:
     h = algo.himac
     if algo.name in ("grpo", "gigpo"):
-        runs = rollout.run(task_id, algo.group_size, "flat", temperature=rcfg.temperature)
+        runs = rollout.run([task_id] * algo.group_size, "flat", temperature=rcfg.temperature)
         return CollectedGroup("flat", runs, [])
     if phase == "macro":
-        runs = rollout.run(task_id, h.blueprints, "hier", temperature=h.frozen_executor_temperature,
+        runs = rollout.run([task_id] * h.blueprints, "hier", temperature=h.frozen_executor_temperature,
                            plan_temperature=h.plan_temperature)
         return CollectedGroup("macro", runs, [])
     # micro: fix z*, then N executions of it
     if h.micro_blueprint == "greedy":
-        probes = rollout.run(task_id, 1, "hier", temperature=rcfg.temperature, plan_temperature=0.0)
+        probes = rollout.run([task_id], "hier", temperature=rcfg.temperature, plan_temperature=0.0)
     else:
-        probes = rollout.run(task_id, h.probe_blueprints, "hier", temperature=rcfg.temperature,
+        probes = rollout.run([task_id] * h.probe_blueprints, "hier", temperature=rcfg.temperature,
                              plan_temperature=h.probe_plan_temperature)
     z_star = pick_blueprint(probes, probes[0].instruction)
     kept: list[EpisodeRun] = []
     if h.reuse_probe_episode:
         kept = [r for r in probes if r.blueprint == z_star][:1]
-    runs = rollout.run(task_id, algo.group_size - len(kept), "hier", temperature=rcfg.temperature,
+    runs = rollout.run([task_id] * (algo.group_size - len(kept)), "hier", temperature=rcfg.temperature,
                        blueprints=[z_star] * (algo.group_size - len(kept)))
     return CollectedGroup("micro", kept + runs, probes)
 

@@ -56,8 +56,20 @@ class Spool:
         return [(p.stem, p.read_bytes()) for p in files]
 
 
+def _logged_ids(path) -> set[str]:
+    if not path or not os.path.exists(path):
+        return set()
+    ids = set()
+    with open(path) as f:
+        for line in f:
+            if '"group_id": "' in line:
+                ids.add(line.split('"group_id": "', 1)[1].split('"', 1)[0])
+    return ids
+
+
 class LearnerLink:
     def __init__(self, endpoint: str, actor_id: str, incarnation: str, spool: Spool, metrics: ActorMetrics,
+                 sent_log: str | os.PathLike | None = None,
                  heartbeat_s: float = 2.0, reconnect_max_s: float = 10.0, learner_timeout_s: float = 10.0,
                  resend_after_s: float = 60.0, max_message_bytes: int = 256 << 20, capabilities: list[str] = (),
                  curve=None):
@@ -67,6 +79,7 @@ class LearnerLink:
         self.learner_timeout_s, self.resend_after_s = learner_timeout_s, resend_after_s
         self.max_message_bytes = max_message_bytes
         self.capabilities = list(capabilities)
+        self._sent_log = open(sent_log, "a", buffering=1) if sent_log else None  # one line per new group
         self.curve = curve  # (client keys) for CURVE, or None
         # state shared with the main thread, under _cv
         self._cv = threading.Condition()
@@ -82,8 +95,11 @@ class LearnerLink:
         self._outbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"link-{actor_id}", daemon=True)
+        logged = _logged_ids(sent_log)
         for gid, frame in spool.pending():  # a predecessor's in-flight groups: resend on welcome
             self._unacked[gid] = (frame, 0.0)
+            if self._sent_log is not None and gid not in logged:  # killed between spooling and logging
+                self._sent_log.write(f'{{"group_id": "{gid}", "policy_version": -1}}\n')
         if self._unacked:
             log.info("%d unacked group(s) in the spool will be resent", len(self._unacked))
 
@@ -112,6 +128,8 @@ class LearnerLink:
     def send_group(self, group: TrajectoryGroup) -> None:
         frame = encode(group)
         self.spool.put(group.group_id, frame)  # durable before it can be acked
+        if self._sent_log is not None:
+            self._sent_log.write(f'{{"group_id": "{group.group_id}", "policy_version": {group.policy_version}}}\n')
         with self._cv:
             self._unacked[group.group_id] = (frame, time.monotonic())
         self._outbox.put((group.group_id, frame))

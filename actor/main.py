@@ -70,7 +70,7 @@ def run_actor(cfg: RunConfig, actor_id: str, model_path: str, work_dir: str, lea
     pool = EnvPool(cfg.env, pool_size(cfg.algo))
     rollout = build_rollout(cfg, backend, pool)
     spool = Spool(cfg.actor.spool_dir or work / "spool")
-    link = LearnerLink(learner or cfg.actor.learner, actor_id, incarnation, spool, metrics,
+    link = LearnerLink(learner or cfg.actor.learner, actor_id, incarnation, spool, metrics, sent_log=work / "sent.jsonl",
                        heartbeat_s=cfg.actor.heartbeat_s, reconnect_max_s=cfg.actor.reconnect_max_s,
                        learner_timeout_s=cfg.actor.learner_timeout_s, resend_after_s=cfg.actor.resend_after_s,
                        max_message_bytes=cfg.actor.max_message_bytes,

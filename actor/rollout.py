@@ -139,12 +139,15 @@ class Rollout:
                                  else self.env.failure_return)
 
     # ------------------------------------------------------------------ episodes
-    def run(self, task_id: str, n: int, mode: str, *, temperature: float, plan_temperature: float = 1.0,
+    def run(self, task_ids: Sequence[str], mode: str, *, temperature: float, plan_temperature: float = 1.0,
             blueprints: Sequence[list[str]] | None = None) -> list[EpisodeRun]:
-        """Run ``n`` episodes of ``task_id``. ``mode``: "flat" or "hier" (plan first unless blueprints given)."""
-        runs = [EpisodeRun(task_id) for _ in range(n)]
+        """Run one episode per task id in lockstep (a group repeats one id; evaluation mixes them).
+
+        ``mode``: "flat" or "hier" (the planner writes a blueprint first unless ``blueprints`` are given).
+        """
+        runs = [EpisodeRun(t) for t in task_ids]
         t0 = time.perf_counter()
-        for r, snap in zip(runs, self.pool.reset([task_id] * n)):
+        for r, snap in zip(runs, self.pool.reset(list(task_ids))):
             r.instruction, r.task_type = snap.instruction, snap.task_type
             r.observation, r.state_key = snap.observation, snap.state_key
         self.stats.reset_seconds += time.perf_counter() - t0

@@ -94,7 +94,8 @@ def run_learner(cfg: RunConfig, model_path: str, out_dir: str, resume: bool = Fa
         inbox = Inbox(out / "inbox")
         pending = inbox.load()
         inbox.remove([gid for gid, _ in pending if gid in consumed])  # consumed, but killed before deleting
-        server = LearnerServer(lc, learner_id, inbox, metrics, seen=set(consumed), curve=curve)
+        server = LearnerServer(lc, learner_id, inbox, metrics, seen=set(consumed), curve=curve,
+                               ledger=out / "groups.jsonl")
         requeued = server.requeue([(gid, f) for gid, f in pending if gid not in consumed])
         if requeued:
             log.info("requeued %d accepted-but-unconsumed group(s) from the inbox", requeued)

@@ -12,6 +12,7 @@ the wrong protocol version, is oversized, stale or malformed is counted by reaso
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -75,8 +76,10 @@ class ActorState:
 
 class LearnerServer:
     def __init__(self, cfg: LearnerConfig, learner_id: str, inbox: Inbox, metrics: LearnerMetrics,
-                 seen: set[str], curve=None):
+                 seen: set[str], curve=None, ledger: str | os.PathLike | None = None):
         self.cfg, self.learner_id, self.inbox, self.metrics = cfg, learner_id, inbox, metrics
+        # one line per group frame received (accepted / duplicate / dropped): an audit trail of exactly-once
+        self._ledger = open(ledger, "a", buffering=1) if ledger else None
         self.seen = seen  # every group id accepted, consumed or dropped: never accepted twice
         self.curve = curve
         self._cv = threading.Condition()
@@ -118,6 +121,8 @@ class LearnerServer:
         self._thread.join(timeout=5)
         self.router.close(0)
         self.pub.close(0)
+        if self._ledger is not None:
+            self._ledger.close()
 
     def requeue(self, groups: list[tuple[str, bytes]]) -> int:
         """Groups accepted before a restart and not consumed by the checkpoint: queue them again."""
@@ -272,6 +277,10 @@ class LearnerServer:
 
     def _on_group(self, ident: bytes, g: TrajectoryGroup, frame) -> None:
         def ack(status: str, reason: str = "") -> None:
+            if self._ledger is not None:
+                self._ledger.write(json.dumps({"group_id": g.group_id, "actor_id": g.actor_id, "status": status,
+                                               "reason": reason, "policy_version": g.policy_version,
+                                               "learner_version": self.version, "time": time.time()}) + "\n")
             with self._cv:
                 st = self.actors.get(ident)
                 window = self._window()
