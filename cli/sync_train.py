@@ -1,0 +1,116 @@
+"""`himac train --sync`: the same algorithm in lockstep, in one process.
+
+generate (all groups of a step, with the current weights) -> train (one optimiser step) ->
+sync weights (publish + fetch + load, the same transport code as the pipeline) -> repeat.
+It is the synchronous baseline of ``bench/async_vs_sync.py`` and, being deterministic for a
+fixed seed, the engine of the CPU learning test. It writes the same ``metrics.jsonl``.
+"""
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+from himac.actor.backend import TransformersBackend
+from himac.actor.collect import collect_group, pool_size
+from himac.actor.envs import make_env
+from himac.actor.envs.pool import EnvPool
+from himac.actor.main import build_rollout
+from himac.actor.rollout import to_wire
+from himac.actor.weights import WeightReceiver
+from himac.learner.batch import build_batch
+from himac.learner.engine import PolicyEngine
+from himac.learner.publisher import DiskPublisher, serialize
+from himac.learner.schedule import phase_at
+from himac.protocol import TrajectoryGroup
+from himac.protocol.config import RunConfig
+
+
+def sync_train(cfg: RunConfig, model_path: str, quiet: bool = False, env_latency_s: float = 0.0) -> list[dict]:
+    """Lockstep training; returns the metrics rows (also written to OUT/metrics.jsonl)."""
+    from tqdm import tqdm
+
+    lc = cfg.learner
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_file = out / "metrics.jsonl"
+    metrics_file.unlink(missing_ok=True)
+    engine = PolicyEngine(model_path, lr=lc.lr, weight_decay=lc.weight_decay, deepspeed_config=cfg.deepspeed,
+                          kl_beta=lc.kl_beta, device=lc.device, seed=lc.seed)
+    backend = TransformersBackend(model_path, device=cfg.actor.device, threads=cfg.actor.threads, seed=lc.seed)
+    receiver = WeightReceiver(backend)
+    publisher = DiskPublisher(out / "weights", model_path)
+    pool = EnvPool(cfg.env, pool_size(cfg.algo))
+    rollout = build_rollout(cfg, backend, pool)
+    if env_latency_s:
+        rollout.pool = _SlowPool(pool, env_latency_s)
+    task_env = make_env(cfg.env)
+    rng = random.Random(lc.seed)
+    rows: list[dict] = []
+    t_start = time.time()
+    gen_total = train_total = sync_total = 0.0
+
+    def sync(version: int, phase: str) -> float:
+        t0 = time.perf_counter()
+        ann = publisher.publish(serialize(engine.full_state_dict()), version, phase, "sync")
+        while not receiver.poll(ann):
+            time.sleep(0.001)
+        return time.perf_counter() - t0
+
+    sync_total += sync(0, phase_at(0, cfg.algo))
+    try:
+        for step in tqdm(range(lc.steps), desc="sync train", unit="step", disable=quiet, dynamic_ncols=True):
+            phase = phase_at(step, cfg.algo)
+            t0 = time.perf_counter()
+            groups = []
+            for i in range(lc.batch_groups):
+                task = task_env.sample_task(cfg.env.split, rng)
+                c = collect_group(rollout, cfg.algo, cfg.rollout, phase, task)
+                groups.append(TrajectoryGroup(
+                    group_id=f"sync.{step}.{i}", actor_id="sync", incarnation="0", policy_version=step, phase=phase,
+                    level=c.level, algo=cfg.algo.name, env=cfg.env.name, task_id=task,
+                    task_type=c.runs[0].task_type, episodes=[to_wire(r) for r in c.runs], created_at=time.time()))
+            t1 = time.perf_counter()
+            batch = build_batch(groups, cfg.algo)
+            stats = engine.train_step(batch.samples, clip_eps=lc.clip_eps, objective=lc.objective,
+                                      cap=lc.behav_imp_weight_cap, entropy_coef=lc.entropy_coef,
+                                      micro_batch_seqs=lc.micro_batch_seqs)
+            t2 = time.perf_counter()
+            sync_seconds = sync(step + 1, phase_at(step + 1, cfg.algo))
+            gen_total += t1 - t0
+            train_total += t2 - t1
+            sync_total += sync_seconds
+            row = {"step": step + 1, "policy_version": step + 1, "phase": phase, "loss": stats.loss,
+                   "grad_norm": stats.grad_norm, **batch.stats, "staleness_mean": 0.0, "staleness_max": 0,
+                   "actor_ids": ["sync"], "kl": stats.kl, "entropy": stats.entropy,
+                   "step_seconds": t2 - t1, "generate_seconds": t1 - t0, "sync_seconds": sync_seconds,
+                   "idle_seconds": (t1 - t0) + sync_seconds,  # the trainer waits for generation and sync
+                   "idle_fraction": (gen_total + sync_total) / max(1e-9, gen_total + train_total + sync_total),
+                   "seconds": time.time() - t_start, "time": time.time()}
+            rows.append(row)
+            with open(metrics_file, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    finally:
+        pool.close()
+        task_env.close()
+        receiver.close()
+    return rows
+
+
+class _SlowPool:
+    """Adds a fixed latency to every env reset and step (the bench's knob for slow envs like ALFWorld)."""
+
+    def __init__(self, pool, latency_s: float):
+        self.pool, self.latency_s = pool, latency_s
+
+    def reset(self, task_ids):
+        time.sleep(self.latency_s)
+        return self.pool.reset(task_ids)
+
+    def step(self, actions):
+        time.sleep(self.latency_s)
+        return self.pool.step(actions)
+
+    def close(self):
+        self.pool.close()
