@@ -11,12 +11,16 @@ import json
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .engine import PolicyEngine
+
+# Tests set this to hold a save open between DeepSpeed's write and the atomic rename.
+FAULT_PAUSE_S = float(os.environ.get("HIMAC_FAULT_CHECKPOINT_PAUSE_S", "0") or 0)
 
 
 def rng_state() -> dict:
@@ -53,6 +57,8 @@ class Checkpointer:
         dist.barrier()
         engine.save_checkpoint(str(tmp), "ds", client_state={})
         dist.barrier()
+        if FAULT_PAUSE_S:  # fault injection for the kill-during-save tests: widen the window
+            time.sleep(FAULT_PAUSE_S)
         if engine.rank == 0:
             torch.save(rng_state(), tmp / "rng.pt")
             (tmp / "state.json").write_text(json.dumps(state))

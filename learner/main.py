@@ -85,13 +85,15 @@ def run_learner(cfg: RunConfig, model_path: str, out_dir: str, resume: bool = Fa
     metrics = LearnerMetrics()
     if rank0:
         out.mkdir(parents=True, exist_ok=True)
-        if latest is not None:
+        if latest is not None:  # the steps after the checkpoint are redone, not duplicated
             truncate_jsonl(metrics_file, step)
             truncate_jsonl(consumed_file, step)
-        elif not resume:
+        else:
             metrics_file.unlink(missing_ok=True)
             consumed_file.unlink(missing_ok=True)
         inbox = Inbox(out / "inbox")
+        if not resume:  # a fresh run: groups accepted by an earlier run in this folder are not ours
+            inbox.remove([gid for gid, _ in inbox.load()])
         pending = inbox.load()
         inbox.remove([gid for gid, _ in pending if gid in consumed])  # consumed, but killed before deleting
         server = LearnerServer(lc, learner_id, inbox, metrics, seen=set(consumed), curve=curve,
@@ -103,7 +105,8 @@ def run_learner(cfg: RunConfig, model_path: str, out_dir: str, resume: bool = Fa
         server.start()
         host = advertise_host(lc)
         publisher = make_publisher(lc.weights_transport, str(out), model_path, lc.bind_host, host,
-                                   port=lc.weights_port, curve=curve)
+                                   port=lc.weights_port, curve=curve,
+                                   on_reject=lambda reason: metrics.rejected(reason, socket="weights"))
         http_port = None
         if metrics_port is not None:
             from himac.protocol.observability import serve_metrics
@@ -114,6 +117,7 @@ def run_learner(cfg: RunConfig, model_path: str, out_dir: str, resume: bool = Fa
             http_port = http.server_port
         (out / "learner.json").write_text(json.dumps({
             "learner_id": learner_id, "port": server.port, "pub_port": server.pub_port, "metrics_port": http_port,
+            "weights_port": getattr(publisher, "port", None),
             "endpoint": f"tcp://{host}:{server.port}", "pid": os.getpid()}))
         log.info("learner %s on tcp://%s:%d (pub %d), %d rank(s), version %d, phase %s", learner_id, lc.bind_host,
                  server.port, server.pub_port, engine.world, version, phase)

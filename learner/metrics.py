@@ -16,7 +16,7 @@ class LearnerMetrics:
         self._dropped = Counter("himac_learner_groups_dropped_total", "Groups dropped, by reason", ("reason",),
                                 registry=r)
         self._rejected = Counter("himac_learner_frames_rejected_total", "Frames rejected before decoding to a "
-                                 "usable message, by reason", ("reason",), registry=r)
+                                 "usable message, by socket and reason", ("socket", "reason"), registry=r)
         self.groups_consumed = Counter("himac_learner_groups_consumed_total", "Groups trained on", ("level",),
                                        registry=r)
         self.staleness = Histogram("himac_learner_staleness_versions", "Learner version minus the group's version "
@@ -50,8 +50,8 @@ class LearnerMetrics:
     def dropped(self, reason: str) -> None:
         self._dropped.labels(reason=reason).inc()
 
-    def rejected(self, reason: str) -> None:
-        self._rejected.labels(reason=reason).inc()
+    def rejected(self, reason: str, socket: str = "data") -> None:
+        self._rejected.labels(socket=socket, reason=reason).inc()
 
     def set_phase(self, phase: str) -> None:
         for p in PHASES:

@@ -226,6 +226,7 @@ class NcclBroadcaster:
                                    wait_for_workers=False)
         self.port = self.store.port
         self._groups: dict[str, dist.ProcessGroup] = {}
+        self._drops: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._seq = 0
 
@@ -279,10 +280,10 @@ class NcclBroadcaster:
                     inflight, size = [], 0
             self._wait(inflight, deadline, group_name)
         except NcclSyncError:
-            self.drop(group_name)
+            self.drop(group_name, hold=inflight)
             raise
         except Exception as e:
-            self.drop(group_name)
+            self.drop(group_name, hold=inflight)
             raise NcclSyncError(f"broadcast to {group_name} failed: {e!r}") from e
         return time.monotonic() - t0
 
@@ -296,16 +297,33 @@ class NcclBroadcaster:
                 time.sleep(0.0005)
             work.wait()  # raise what the backend reported
 
-    def drop(self, group_name: str) -> None:
+    def drop(self, group_name: str, hold: list | None = None) -> None:
+        """Abort and forget a group, off this thread: destroying a group, or freeing the work handles
+        of a collective still pending on it (``hold``), blocks until that collective times out."""
         with self._lock:
             pg = self._groups.pop(group_name, None)
-        if pg is not None:  # off this thread: gloo's destroy waits out a pending collective
-            threading.Thread(target=_destroy, args=(pg,), name=f"drop-{group_name}", daemon=True).start()
+        if pg is not None:
+            held = list(hold or [])
+            if hold is not None:
+                hold.clear()
+
+            def destroy():
+                _destroy(pg)
+                held.clear()
+
+            th = threading.Thread(target=destroy, name=f"drop-{group_name}", daemon=True)
+            th.start()
+            self._drops = [d for d in self._drops if d.is_alive()] + [th]
             log.info("weight group %s dropped", group_name)
 
-    def close(self) -> None:
+    def close(self, wait_s: float = 10.0) -> None:
+        """Drop every group; wait up to ``wait_s`` for their teardown (a process that exits while a
+        gloo teardown is still blocked is aborted by the C++ runtime)."""
         for name in list(self._groups):
             self.drop(name)
+        deadline = time.monotonic() + wait_s
+        for th in self._drops:
+            th.join(max(0.0, deadline - time.monotonic()))
 
 
 # --------------------------------------------------------------------------- learner-side service

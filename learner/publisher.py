@@ -87,11 +87,12 @@ class ZmqPublisher:
     transport = "zmq"
 
     def __init__(self, bind_host: str, port: int, advertise_host: str, keep: int = 2, max_chunk: int = 64 << 20,
-                 curve=None):
+                 curve=None, on_reject=None):
         self._payloads: OrderedDict[int, bytes] = OrderedDict()
         self._lock = threading.Lock()
         self.keep, self.max_chunk = keep, max_chunk
         self.rejected = 0
+        self._on_reject = on_reject or (lambda reason: None)  # count a bad request by reason (metrics)
         ctx = zmq.Context.instance()
         self._sock = ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -121,18 +122,18 @@ class ZmqPublisher:
         while not self._stop.is_set():
             if not self._sock.poll(100):
                 continue
-            try:
-                ident, frame = self._sock.recv_multipart(copy=False)
-            except ValueError:
-                self.rejected += 1
+            frames = self._sock.recv_multipart(copy=False)
+            if len(frames) != 2:
+                self._reject("malformed")
                 continue
+            ident, frame = frames
             try:
                 req = decode(frame.buffer, 1 << 16)
-            except Rejected:
-                self.rejected += 1
+            except Rejected as e:
+                self._reject(e.reason)
                 continue
             if not isinstance(req, FetchWeights):
-                self.rejected += 1
+                self._reject("unexpected")
                 continue
             with self._lock:
                 payload = self._payloads.get(req.version)
@@ -145,6 +146,10 @@ class ZmqPublisher:
                                      data=memoryview(payload)[max(0, req.offset):end])
             self._sock.send_multipart([ident, encode(reply)], copy=False)
 
+    def _reject(self, reason: str) -> None:
+        self.rejected += 1
+        self._on_reject(reason)
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=2)
@@ -152,9 +157,9 @@ class ZmqPublisher:
 
 
 def make_publisher(transport: str, run_dir: str, model_dir: str, bind_host: str, advertise_host: str,
-                   port: int = 0, curve=None):
+                   port: int = 0, curve=None, on_reject=None):
     if transport == "disk":
         return DiskPublisher(Path(run_dir) / "weights", model_dir)
     if transport == "zmq":
-        return ZmqPublisher(bind_host, port, advertise_host, curve=curve)
+        return ZmqPublisher(bind_host, port, advertise_host, curve=curve, on_reject=on_reject)
     raise ValueError(f"learner.weights_transport: unknown transport {transport!r}")

@@ -118,7 +118,8 @@ class LearnerServer:
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
         self.router.close(0)
         self.pub.close(0)
         if self._ledger is not None:

@@ -36,6 +36,7 @@ class SokobanConfig(_Section):
     search_depth: Annotated[int, Meta(ge=1, le=300)] = 30
     max_steps: PosInt = 15
     test_size: PosInt = 200  # seeded held-out rooms of the `test` split
+    train_size: NonNegInt = 0  # 0 = every other seed (~2^31 rooms); N = only the first N train rooms
     test_seed: int = 20_261_125
 
 

@@ -12,6 +12,8 @@ import argparse
 import json
 import re
 import shlex
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -79,7 +81,8 @@ def himac_argvs(tokens: list[str]) -> list[list[str]]:
         tokens = tokens[:i] + [t for script in tokens[i + 1:] for t in shlex.split(script, comments=True)]
     found = []
     for i, tok in enumerate(tokens):
-        if tok == "himac" or tok.endswith("/himac") or (tok == "himac.cli.main" and tokens[i - 1] in ("-m", "--module")):
+        module = tok == "himac.cli.main" and tokens[i - 1] in ("-m", "--module")  # deepspeed / torchrun
+        if tok == "himac" or tok.endswith("/himac") or module:
             argv = []
             for t in tokens[i + 1:]:
                 if t in SHELL_OPS:
@@ -525,7 +528,8 @@ def test_dockerfile_shape(kind):
     assert ep[-1] == "himac", "the himac CLI is the entrypoint"
     runs = " ".join(a for i, a in instrs if i == "RUN")
     if kind == "cpu":
-        assert re.search(r"pip install [^&;]*\btorch==2\.13\.0(\s|$)", runs), "CPU torch pinned (any other pulls CUDA wheels)"
+        pinned = re.search(r"pip install [^&;]*\btorch==2\.13\.0(\s|$)", runs)
+        assert pinned, "CPU torch pinned (any other pulls CUDA wheels)"
         assert "--constraint" in runs
     else:
         assert any("nvidia/cuda" in f for f in froms)
@@ -540,6 +544,20 @@ def test_dockerfile_shape(kind):
     declared = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
     extras = next(a for i, a in instrs if i == "ARG" and a.startswith("EXTRAS=")).split("=", 1)[1]
     assert set(filter(None, extras.split(","))) <= declared
+
+
+@pytest.mark.parametrize("kind", ["cpu", "gpu"])
+def test_dockerignore_keeps_what_the_dockerfile_copies(kind):
+    """BuildKit reads <Dockerfile>.dockerignore: everything is excluded, then the sources re-included."""
+    ignore = DOCKERFILES[kind].with_name(DOCKERFILES[kind].name + ".dockerignore").read_text().splitlines()
+    included = {line[1:].strip("/") for line in ignore if line.startswith("!")}
+    assert "*" in ignore
+    for instr, arg in dockerfile(DOCKERFILES[kind]):
+        if instr == "COPY" and "--from=" not in arg:
+            *sources, _dest = [a for a in arg.split() if not a.startswith("--")]
+            missing = {src.strip("./") for src in sources} - included
+            assert not missing, f"{kind}: COPY {sorted(missing)} but the .dockerignore excludes them"
+            assert all((ROOT / src).exists() for src in sources)
 
 
 # ----------------------------------------------------------------------------- Kubernetes
@@ -622,3 +640,40 @@ def test_k8s_servicemonitor_and_images(k8s):
     used = {c["image"].split(":")[0] for (kind, _), doc in k8s.items() if kind in ("StatefulSet", "Deployment")
             for c in containers(doc["spec"]["template"]["spec"])}
     assert used <= {i["name"] for i in kust.get("images", [])}
+
+
+# ----------------------------------------------------------------------------- optional tools
+# Where the real tools are installed (a developer's machine), check with them too.
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+def test_promtool_accepts_config_rules_and_dashboard_queries(tmp_path):
+    (tmp_path / "rules.yml").write_text(RULES.read_text())
+    prom = yaml.safe_load(PROMETHEUS.read_text())
+    prom["rule_files"] = ["rules.yml"]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(prom))
+    # the dashboard's PromQL as recording rules, Grafana's variables filled in
+    dash = json.loads(DASHBOARD.read_text())
+    rules = [{"record": f"dashboard:panel{p['id']}:{t['refId']}",
+              "expr": t["expr"].replace("$__rate_interval", "1m").replace("$__range", "1h").replace("$actor", ".*")}
+             for p in dash["panels"] for t in p.get("targets", [])]
+    (tmp_path / "dashboard.yml").write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    for cmd in (["check", "config", "prometheus.yml"], ["check", "rules", "dashboard.yml"]):
+        r = subprocess.run(["promtool", *cmd], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+def test_kustomize_builds_with_generated_keys(tmp_path):
+    from himac.cli.keys import generate_keys
+
+    work = tmp_path / "k8s"
+    shutil.copytree(K8S, work)
+    generate_keys(str(work / "keys"), 1)
+    r = subprocess.run(["kubectl", "kustomize", str(work)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    docs = [d for d in yaml.safe_load_all(r.stdout) if d]
+    secret = next(d for d in docs if d["kind"] == "Secret")
+    assert secret["metadata"]["name"].startswith("himac-curve")
+    # the generated (hash-suffixed) name is what the pods mount
+    mounted = {v["secret"]["secretName"] for d in docs if d["kind"] in ("StatefulSet", "Deployment")
+               for v in d["spec"]["template"]["spec"]["volumes"] if "secret" in v}
+    assert mounted == {secret["metadata"]["name"]}

@@ -81,6 +81,8 @@ class FakeSGLangEngine:
         self.calls: list[tuple[str, dict]] = []
         self.block = threading.Event()
         self.block.set()  # set = not blocking
+        self.gen_block = threading.Event()
+        self.gen_block.set()
         self.fail = ""
         self.flush_ok = True
         self.weights = "initial"
@@ -98,6 +100,7 @@ class FakeSGLangEngine:
                  custom_logit_processor=None, **more):
         self._record("generate", prompt=prompt, sampling_params=sampling_params, input_ids=input_ids,
                      return_logprob=return_logprob, **more)
+        self.gen_block.wait()
         single = isinstance(input_ids[0], int)
         batch = [input_ids] if single else input_ids
         sps = sampling_params if isinstance(sampling_params, list) else [sampling_params or {}] * len(batch)
@@ -375,6 +378,19 @@ def test_stalled_update_times_out_and_keeps_the_old_version(model_dir, tok):
     assert be.generate([[7]], SamplingParams())[0].finish_reason == "eos"
 
 
+def test_stalled_generate_raises_instead_of_hanging(model_dir, tok):
+    be, eng = make(model_dir, tok, lambda p: [tok.eos_token_id], generate_timeout_s=0.3, weights_timeout_s=0.3)
+    eng.gen_block.clear()
+    t0 = time.monotonic()
+    with pytest.raises(EngineTimeout, match="generate did not return"):
+        be.generate([[7]], SamplingParams())
+    with pytest.raises(WeightLoadError, match="still busy with generate"):
+        be.load_weights(WeightUpdate(1, _state(model_dir, 1.0)))
+    assert time.monotonic() - t0 < 3 and be.version == -1
+    eng.gen_block.set()
+    assert be.generate([[7]], SamplingParams())[0].finish_reason == "eos" and be.healthy
+
+
 def test_stalled_update_that_then_fails_leaves_the_old_version(model_dir, tok):
     be, eng = make(model_dir, tok, lambda p: [tok.eos_token_id], weights_timeout_s=0.2)
     eng.block.clear()
@@ -519,8 +535,9 @@ def test_broadcast_to_an_engine_that_never_receives_times_out(model_dir, tmp_pat
         with pytest.raises(NcclSyncError, match="no weight group"):
             b.broadcast(offer.group_name, sd, m, timeout_s=1.0)
     finally:
-        proc.kill()
-        b.close()
+        proc.kill()  # the pending collective fails, and the dropped group's teardown ends
+        b.close(wait_s=30)
+    assert not any(th.is_alive() for th in b._drops)
 
 
 def test_connect_without_an_engine_times_out(model_dir):

@@ -340,7 +340,9 @@ class SokobanEnv(Env):
         if split == "test":
             return [f"{self._prefix}test/{s}" for s in excluded]
         if split == "train":
-            return TrainTaskIds(f"{self._prefix}train/", excluded)
+            ids = TrainTaskIds(f"{self._prefix}train/", excluded)
+            # a finite training set (the first N train seeds): small enough to learn in minutes on a CPU
+            return ids[:self.cfg.train_size] if self.cfg.train_size else ids
         raise ValueError(f"sokoban: unknown split {split!r}; choose one of {self.splits()}")
 
     # ------------------------------------------------------------------ episode
