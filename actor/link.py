@@ -94,6 +94,7 @@ class LearnerLink:
         self._unacked: dict[str, tuple[bytes, float]] = {}  # group id -> (frame, last sent at)
         self._outbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self._stop = threading.Event()
+        self._rejects = 0
         self._thread = threading.Thread(target=self._run, name=f"link-{actor_id}", daemon=True)
         logged = _logged_ids(sent_log)
         for gid, frame in spool.pending():  # a predecessor's in-flight groups: resend on welcome
@@ -194,12 +195,13 @@ class LearnerLink:
                             frame = sock.recv(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
-                        msg = self._decode(frame, "pub" if sock is sub else "router")
+                        source = "pub" if sock is sub else "router"
+                        msg = self._decode(frame, source)
                         if msg is None:
                             continue
                         if sock is dealer:
                             last_heard = time.monotonic()
-                        new_pub = self._handle(msg, dealer)
+                        new_pub = self._handle(msg, dealer, source)
                         if new_pub and new_pub != sub_endpoint:
                             if sub_endpoint:
                                 sub.disconnect(sub_endpoint)
@@ -213,9 +215,15 @@ class LearnerLink:
         try:
             return decode(frame.buffer, self.max_message_bytes)
         except Rejected as e:
-            self.metrics.rejected(source, e.reason)
-            log.warning("dropped a frame from the learner (%s): %s", source, e.detail[:200])
+            self._reject(source, e.reason, e.detail)
             return None
+
+    def _reject(self, source: str, reason: str, detail: str = "") -> None:
+        self.metrics.rejected(source, reason)
+        self._rejects += 1
+        if self._rejects <= 10 or self._rejects % 1000 == 0:  # a flood must not flood the log too
+            log.warning("dropped a frame from the learner (%s, %s; %d so far): %s", source, reason, self._rejects,
+                        detail[:200])
 
     def _try_send(self, sock, data: bytes) -> bool:
         try:
@@ -251,7 +259,10 @@ class LearnerLink:
             self.connected = value
             self._cv.notify_all()
 
-    def _handle(self, msg, dealer) -> str | None:
+    def _handle(self, msg, dealer, source: str = "router") -> str | None:
+        if source == "pub" and not isinstance(msg, WeightsAnnouncement):
+            self._reject(source, "unexpected", type(msg).__name__)
+            return None
         if isinstance(msg, Welcome):
             with self._cv:
                 restarted = self.learner_id and self.learner_id != msg.learner_id
@@ -302,5 +313,5 @@ class LearnerLink:
                 self._cv.notify_all()
             self.metrics.learner_version.set(msg.version)
         else:
-            self.metrics.rejected("router", "unexpected")
+            self._reject(source, "unexpected", type(msg).__name__)
         return None

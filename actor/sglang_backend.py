@@ -1,7 +1,8 @@
 """SGLang generation backend (GPUs): the offline ``sglang.Engine``, driven from one engine thread.
 
-Written against SGLang **0.5.23** (``python/sglang/srt/entrypoints/engine.py`` of that wheel); the
-calls it makes, all by keyword:
+Written against SGLang **0.5.23** (``python/sglang/srt/entrypoints/engine.py`` of that wheel; the
+same signatures, finish reasons and logprob semantics were checked in 0.5.12, the release that pins
+torch 2.11 like the GPU image). The calls it makes, all by keyword:
 
 - ``Engine(model_path=..., random_seed=..., log_level=..., **server_args)``
 - ``generate(input_ids=[[...], ...], sampling_params=[{...}, ...], return_logprob=True)`` -> one dict per
@@ -400,6 +401,8 @@ class SGLangBackend(GenerationBackend):
         buckets: list[list[tuple[str, Any]]] = [[]]
         size = 0
         for name, t in tensors.items():  # bounded shared-memory copies per call
+            if name in self._tied and self._tied[name] in tensors:
+                continue  # a tied alias: SGLang fills it from its source (and warns about the name)
             n = t.numel() * t.element_size()
             if buckets[-1] and size + n > self.tensor_bucket_bytes:
                 buckets.append([])
@@ -507,6 +510,8 @@ def finish_reason(fr: Any, stop_ids: set[int], eos_ids: set[int]) -> str:
         return "length"
     if kind == "stop":
         matched = fr.get("matched")
+        if isinstance(matched, list) and matched and all(isinstance(m, int) for m in matched):
+            matched = matched[-1]  # FINISH_MATCHED_TOKEN is typed int | list[int] (0.5.12); the last one ended it
         if isinstance(matched, int) and not isinstance(matched, bool):
             return "eos" if matched in eos_ids or matched not in stop_ids else "stop"
         return "stop"

@@ -383,30 +383,30 @@ def run(args) -> dict:
 def report(res: dict) -> str:
     size = res["payload_bytes"]
     K = res["actors"]
-    print(f"model {res['model']}: {res['params'] / 1e6:.1f}M params, payload {size / 1e6:.1f} MB ({res['payload_dtype']}), "
-          f"{K} actor process(es); memcpy {res['memcpy_gbps']:.2f} GB/s (fresh buffer {res['memcpy_fresh_gbps']:.2f}), "
-          f"zmq tcp loopback {res['tcp_gbps']:.2f} GB/s")
+    print(f"model {res['model']}: {res['params'] / 1e6:.1f}M params, payload {size / 1e6:.1f} MB "
+          f"({res['payload_dtype']}), {K} actor process(es); memcpy {res['memcpy_gbps']:.2f} GB/s "
+          f"(fresh buffer {res['memcpy_fresh_gbps']:.2f}), zmq tcp loopback {res['tcp_gbps']:.2f} GB/s")
     cols = ["snapshot_s", "serialize_s", "publish_s", "publish_sha256_s", "fetch_s", "sha256_s", "deserialize_s",
             "load_s", "all_hold_s"]
     names = ["snapshot", "serialise", "write/serve", "sha(pub)", "fetch", "sha(act)", "deser", "load_sd", "ALL HOLD"]
     print(f"  {'transport':<9}" + "".join(f"{n:>12}" for n in names) + f"{'bound':>10}{'x bound':>9}")
     summary = []
     for transport, runs in res["runs"].items():
-        med = {c: statistics.median(r[c] for r in runs) for c in cols + ["views_deserialize_s", "views_load_s",
-                                                                   "direct_fresh_s", "direct_reused_s"]}
+        extra = ["views_deserialize_s", "views_load_s", "direct_fresh_s", "direct_reused_s"]
+        med = {c: statistics.median(r[c] for r in runs) for c in cols + extra}
         bound = size / (res["memcpy_gbps"] * GB) if transport == "disk" else K * size / (res["tcp_gbps"] * GB)
         med["bound_s"] = bound
         res.setdefault("median", {})[transport] = med
         ok = all(r["ok"] for r in runs)
-        print(f"  {transport:<9}" + "".join(f"{med[c]:12.3f}" for c in cols) + f"{bound:10.3f}{med['all_hold_s'] / bound:9.0f}"
-              + ("" if ok else "  WEIGHTS MISMATCH"))
+        print(f"  {transport:<9}" + "".join(f"{med[c]:12.3f}" for c in cols)
+              + f"{bound:10.3f}{med['all_hold_s'] / bound:9.0f}" + ("" if ok else "  WEIGHTS MISMATCH"))
         print(f"  {'':<9}  variants: actor zero-copy views: deserialise {med['views_deserialize_s']:.3f} s + load_sd "
               f"{med['views_load_s']:.3f} s (vs {med['deserialize_s'] + med['load_s']:.3f} s via safetensors load); "
               f"learner one-pass serialise: {med['direct_fresh_s']:.3f} s fresh buffer, {med['direct_reused_s']:.3f} s "
               f"reused (vs {med['snapshot_s'] + med['serialize_s']:.3f} s snapshot + serialise)")
         summary.append(f"{transport} {med['all_hold_s']:.2f} s ({med['all_hold_s'] / bound:.0f}x bound)")
-    line = (f"weight_sync {res['model']} ({size / 1e6:.0f} MB {res['payload_dtype']}, {K} actors): " + ", ".join(summary)
-            + f"; medians of {len(next(iter(res['runs'].values())))} publishes, seconds")
+    line = (f"weight_sync {res['model']} ({size / 1e6:.0f} MB {res['payload_dtype']}, {K} actors): "
+            + ", ".join(summary) + f"; medians of {len(next(iter(res['runs'].values())))} publishes, seconds")
     if not res.get("direct_checked"):
         print("  WARNING: the one-pass serialise variant did not reproduce the tensors")
     print(line)

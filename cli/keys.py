@@ -63,8 +63,8 @@ def curve_from_dir(directory: str | None, role: str, bind_host: str = "127.0.0.1
                         "(use --curve-keys DIR, see `himac keys`)", bind_host)
         return None
     d = Path(directory)
-    server_public, server_secret = zmq.auth.load_certificate(str(d / "learner.key_secret"))
     if role == "learner":
+        server_public, server_secret = zmq.auth.load_certificate(str(d / "learner.key_secret"))
         if _authenticator is None:
             from zmq.auth.thread import ThreadAuthenticator
 
@@ -72,6 +72,8 @@ def curve_from_dir(directory: str | None, role: str, bind_host: str = "127.0.0.1
             _authenticator.start()
             _authenticator.configure_curve(domain="*", location=str(d / "authorized"))
         return Curve(server_public, server_secret, server_public)
+    # an actor needs only the learner's *public* key (never its secret) and its own keypair
+    server_public, _ = zmq.auth.load_certificate(str(d / "learner.key"))
     name = actor_key or next((p.name[:-len(".key_secret")] for p in sorted(d.glob("actor*.key_secret"))), None)
     if name is None:
         raise FileNotFoundError(f"no actor keypair in {d} (run `himac keys {d}`)")

@@ -32,6 +32,11 @@ def _config(args) -> RunConfig:
     return load_config(args.config, _overrides(args))
 
 
+def _env_port() -> int | None:
+    value = os.environ.get("HIMAC_METRICS_PORT", "")
+    return int(value) if value.isdigit() else None
+
+
 def _common(p: argparse.ArgumentParser, run_flags: bool = True) -> None:
     p.add_argument("--config", help="run config file (YAML/JSON/TOML): learner, actor, deepspeed, ... sections")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. learner.lr=3e-4")
@@ -87,6 +92,9 @@ def cmd_actor(args) -> int:
 def cmd_init_model(args) -> int:
     from .init_model import init_model
 
+    if args.if_missing and (Path(args.out_dir) / "config.json").exists():
+        print(f"{args.out_dir} already holds a model")
+        return 0
     cfg = load_config(args.config, {**_overrides(args)})
     init_model(args.out_dir, cfg, hidden=args.hidden, layers=args.layers, vocab_size=args.vocab,
                warmup_steps=args.warmup_steps, warmup_episodes=args.warmup_episodes, seed=args.seed)
@@ -141,7 +149,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--algo", choices=["himac", "grpo", "gigpo"])
     p.add_argument("--env", choices=["sokoban", "alfworld", "webshop"])
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest")
-    p.add_argument("--metrics-port", type=int, help="serve /metrics, /healthz, /readyz (0 = any free port)")
+    p.add_argument("--metrics-port", type=int, default=_env_port(),
+                   help="serve /metrics, /healthz, /readyz (0 = any free port; default $HIMAC_METRICS_PORT)")
     p.add_argument("--curve-keys", help="folder from `himac keys`: require CURVE on every socket")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=cmd_learner)
@@ -154,7 +163,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--algo", choices=["himac", "grpo", "gigpo"])
     p.add_argument("--env", choices=["sokoban", "alfworld", "webshop"])
     p.add_argument("--work-dir", help="spool and status folder (default OUT/actors/ID)")
-    p.add_argument("--metrics-port", type=int, help="serve /metrics, /healthz, /readyz (0 = any free port)")
+    p.add_argument("--metrics-port", type=int, default=_env_port(),
+                   help="serve /metrics, /healthz, /readyz (0 = any free port; default $HIMAC_METRICS_PORT)")
     p.add_argument("--max-groups", type=int, default=0, help="stop after N groups (0 = run until stopped)")
     p.add_argument("--curve-keys", help="folder from `himac keys`: use CURVE")
     p.set_defaults(fn=cmd_actor)
@@ -172,6 +182,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=200, help="format warm-up steps (0 = none)")
     p.add_argument("--warmup-episodes", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--if-missing", action="store_true", help="do nothing when OUT_DIR already holds a model")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(fn=cmd_init_model)
 
@@ -181,9 +192,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--env", choices=["sokoban", "alfworld", "webshop"], required=True)
     p.add_argument("--split", default="test")
     p.add_argument("--model", required=True)
-    p.add_argument("--episodes", type=int, default=50)
+    p.add_argument("--episodes", type=int, default=50, help="N tasks spread evenly over the split (0 = the whole split)")
     p.add_argument("--algo", choices=["himac", "grpo", "gigpo"], default="himac")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="executor and planner (0 = greedy); override the planner with --set algo.himac.plan_temperature=T")
     p.add_argument("--batch", type=int, default=8, help="episodes played in lockstep")
     p.add_argument("--json", dest="json_out", help="write results here")
     p.add_argument("--seed", type=int, default=0)

@@ -144,6 +144,7 @@ def plot_runs(run_dirs: list[str], output: str) -> str:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
+    from matplotlib.ticker import MaxNLocator
 
     if not run_dirs:
         raise PlotError("no run directories given")
@@ -194,6 +195,8 @@ def plot_runs(run_dirs: list[str], output: str) -> str:
             lo, hi = ax.get_ylim()
             frac = len(phased) * strip_h + 0.01
             ax.set_ylim(lo - (hi - lo) * frac / (1 - frac), hi)
+        if xkind == "step":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("learner step" if xkind == "step" else f"wall time ({unit_name})")
         ax.set_ylabel(ylabels[metric])
         ax.grid(True, alpha=0.3, linewidth=0.6)

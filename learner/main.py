@@ -250,6 +250,9 @@ def run_learner(cfg: RunConfig, model_path: str, out_dir: str, resume: bool = Fa
         summary = {"steps": step, "version": version, "seconds": time.time() - t_start,
                    "idle_fraction": idle_total / max(1e-9, idle_total + busy_total), "weights_digest": digest}
         (out / "learner_summary.json").write_text(json.dumps(summary))
+        if lc.on_finish == "serve" and not stop.is_set():
+            log.info("training done at version %d: serving it until stopped", version)
+            stop.wait()
         server.close()
         publisher.close()
     pub_pool.shutdown()

@@ -173,15 +173,25 @@ def init_custom_process_group(backend: str, store: dist.Store, rank: int, world_
     return pg
 
 
-def _destroy(pg: dist.ProcessGroup) -> None:
+def _destroy(pg: dist.ProcessGroup, pending: list | None = None) -> None:
+    """Abort ``pg``, let its ``pending`` (work, tensor) pairs end, destroy it. Blocks (gloo: up to the
+    group's timeout): run it off the learner's threads. The pending work handles are released here
+    only once they have ended, because freeing one that is still pending blocks whoever frees it."""
     try:
-        pg.abort()  # pending NCCL work is cancelled instead of waiting for the watchdog
+        pg.abort()  # NCCL: pending work is cancelled now instead of at the watchdog's timeout
     except Exception:  # noqa: BLE001 - not every backend can abort
         pass
+    for work, _ in pending or []:
+        try:
+            work.wait()
+        except Exception:  # noqa: BLE001 - it failed: that is what we wanted to know
+            pass
     try:
         dist.destroy_process_group(pg)
     except Exception as e:  # noqa: BLE001
         log.debug("destroy_process_group: %r", e)
+    if pending is not None:
+        pending.clear()
 
 
 def _run_with_deadline(fn, timeout_s: float, what: str):
@@ -306,12 +316,7 @@ class NcclBroadcaster:
             held = list(hold or [])
             if hold is not None:
                 hold.clear()
-
-            def destroy():
-                _destroy(pg)
-                held.clear()
-
-            th = threading.Thread(target=destroy, name=f"drop-{group_name}", daemon=True)
+            th = threading.Thread(target=_destroy, args=(pg, held), name=f"drop-{group_name}", daemon=True)
             th.start()
             self._drops = [d for d in self._drops if d.is_alive()] + [th]
             log.info("weight group %s dropped", group_name)

@@ -96,7 +96,8 @@ class ZmqPublisher:
         ctx = zmq.Context.instance()
         self._sock = ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.MAXMSGSIZE, 1 << 16)  # requests are tiny
+        # requests are tiny: frames over 64 KiB are counted as oversized, over 128 KiB cut by ZMQ itself
+        self._sock.setsockopt(zmq.MAXMSGSIZE, 1 << 17)
         if curve is not None:
             curve.server(self._sock)
         if port:

@@ -187,8 +187,12 @@ class LearnerServer:
             return len(self.queue)
 
     def n_actors(self) -> int:
+        """Actors heard from within ``heartbeat_timeout_s`` (readiness and the actors gauge go down too)."""
+        now = time.monotonic()
         with self._cv:
-            return len(self.actors)
+            for ident in [i for i, st in self.actors.items() if now - st.last_seen > 10 * self.cfg.heartbeat_timeout_s]:
+                del self.actors[ident]  # long gone: forget it (restarted actors come back as new identities)
+            return sum(now - st.last_seen <= self.cfg.heartbeat_timeout_s for st in self.actors.values())
 
     # ------------------------------------------------------------------ I/O thread
     def _unusable(self, g: TrajectoryGroup) -> str:
@@ -315,6 +319,7 @@ class LearnerServer:
             st = self.actors.get(ident)
             if st is not None:
                 st.groups += 1
+                st.last_seen = time.monotonic()
             self._cv.notify_all()
         self.metrics.groups_received.labels(actor=g.actor_id, level=g.level).inc()
         ack("accepted")

@@ -164,7 +164,10 @@ class LearnerConfig(_Section):
     save_model_every: NonNegInt = 0  # save_pretrained every N steps; 0 = only at the end
     weights_transport: Literal["disk", "zmq"] = "disk"
     max_message_bytes: PosInt = 256 * 1024 * 1024
-    heartbeat_timeout_s: PosFloat = 30.0
+    heartbeat_timeout_s: PosFloat = 30.0  # an actor silent this long no longer counts as connected
+    # after the last step: "exit", or "serve" the final weights (and metrics) until stopped, for
+    # orchestrators that restart a container that exits (a Kubernetes StatefulSet)
+    on_finish: Literal["exit", "serve"] = "exit"
     seed: int = 0
 
 
