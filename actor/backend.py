@@ -177,11 +177,15 @@ class TransformersBackend(GenerationBackend):
 
     def load_weights(self, update: WeightUpdate) -> None:
         t0 = time.perf_counter()
-        missing, unexpected = self.model.load_state_dict(dict(update.tensors), strict=False)
+        # check everything before touching a parameter: a failed load must leave the old weights intact
+        own = self.model.state_dict()
         tied = _tied_names(self.model)
-        if unexpected or set(missing) - tied:
-            raise ValueError(f"weights v{update.version} do not fit the model: missing={sorted(set(missing) - tied)[:5]} "
-                             f"unexpected={unexpected[:5]}")
+        wrong = [k for k, v in update.tensors.items() if k not in own or tuple(own[k].shape) != tuple(v.shape)]
+        missing = sorted(set(own) - set(update.tensors) - tied)
+        if wrong or missing:
+            raise ValueError(f"weights v{update.version} do not fit the model: unexpected or mis-shaped={wrong[:5]} "
+                             f"missing={missing[:5]}")
+        self.model.load_state_dict(dict(update.tensors), strict=False)
         self.version = update.version
         log.debug("loaded weights v%d in %.3fs", update.version, time.perf_counter() - t0)
 
@@ -203,11 +207,23 @@ def _tied_names(model) -> set[str]:
 
 
 def make_backend(backend: str, model_path: str, device: str = "cpu", threads: int = 0, seed: int = 0,
-                 **kwargs) -> GenerationBackend:
+                 sglang=None, weights_timeout_s: float = 300.0) -> GenerationBackend:
+    """``sglang``: the ``actor.sglang`` config section (SGLangConfig), used when backend == "sglang"."""
     if backend == "transformers":
         return TransformersBackend(model_path, device=device, threads=threads, seed=seed)
     if backend == "sglang":
         from .sglang_backend import SGLangBackend  # imports sglang: only when chosen
 
-        return SGLangBackend(model_path, seed=seed, **kwargs)
+        engine_kwargs = {"tp_size": sglang.tp_size, "dtype": sglang.dtype,
+                         "disable_radix_cache": sglang.disable_radix_cache, **sglang.engine_args} if sglang else {}
+        if sglang is not None and sglang.mem_fraction_static is not None:
+            engine_kwargs["mem_fraction_static"] = sglang.mem_fraction_static
+        if sglang is not None and sglang.port:
+            engine_kwargs["port"] = sglang.port
+        return SGLangBackend(model_path, seed=seed, device=device if device.startswith("cuda") else "cuda",
+                             weights_timeout_s=weights_timeout_s,
+                             generate_timeout_s=sglang.generate_timeout_s if sglang else 600.0,
+                             call_timeout_s=sglang.call_timeout_s if sglang else 120.0,
+                             tensor_bucket_bytes=sglang.tensor_bucket_bytes if sglang else 1 << 30,
+                             engine_kwargs=engine_kwargs)
     raise ValueError(f"actor.backend: unknown generation backend {backend!r}")

@@ -47,7 +47,8 @@ def write_status(path: Path, status: dict) -> None:
 
 def build_rollout(cfg: RunConfig, backend, pool) -> Rollout:
     env_cls, section = env_class(cfg.env.name), env_section(cfg.env)
-    info = EnvInfo(env_cls.role, env_cls.guide, section.max_steps, env_cls.failure_return(section.max_steps))
+    info = EnvInfo(env_cls.role, env_cls.guide, section.max_steps, env_cls.failure_return(section.max_steps),
+                   env_cls.step_cost)
     h = cfg.algo.himac
     return Rollout(backend, pool, info, cfg.rollout, max_subgoals=h.max_subgoals,
                    subgoal_budget_steps=h.subgoal_budget, plan_failure_reward=h.plan_failure_reward)
@@ -64,7 +65,8 @@ def run_actor(cfg: RunConfig, actor_id: str, model_path: str, work_dir: str, lea
         signal.signal(sig, lambda *_: stop.set())
 
     backend = make_backend(cfg.actor.backend, model_path, device=cfg.actor.device, threads=cfg.actor.threads,
-                           seed=hash((cfg.actor.seed, actor_id, incarnation)) & 0x7FFFFFFF)
+                           seed=hash((cfg.actor.seed, actor_id, incarnation)) & 0x7FFFFFFF, sglang=cfg.actor.sglang,
+                           weights_timeout_s=cfg.actor.weights_timeout_s)
     receiver = WeightReceiver(backend, timeout_s=cfg.actor.weights_timeout_s, curve=curve)
     task_env = make_env(cfg.env)  # lists and samples task ids; the pool's envs play them
     pool = EnvPool(cfg.env, pool_size(cfg.algo))
@@ -101,7 +103,8 @@ def run_actor(cfg: RunConfig, actor_id: str, model_path: str, work_dir: str, lea
             write_status(work / "status.json", {"actor_id": actor_id, "incarnation": incarnation,
                                                 "held_version": receiver.held[1], "digest": link.held_digest,
                                                 "groups": groups, "unacked": link.unacked()})
-            if receiver.held[1] < 0:  # never generate with weights the learner did not announce
+            if receiver.held[1] < 0 or not getattr(backend, "healthy", True):
+                # never generate with weights the learner did not announce, nor with half-loaded ones
                 receiver.wait(1.0)
                 link.wait_connected(0.5)
                 continue

@@ -12,6 +12,9 @@ import re
 from dataclasses import dataclass
 
 SUB_DONE = "<sub_done>"
+# The planner's answer is primed with this prefix (it ends the prompt): the blueprint format starts
+# for sure, and training the executor's first tokens cannot drift the planner off it.
+PLAN_PREFIX = "<plan>"
 STOP_ACTION = ("</action>", SUB_DONE)
 STOP_PLAN = ("</plan>",)
 AGENT_TOKENS = ("<think>", "</think>", "<action>", "</action>", "<plan>", "</plan>", SUB_DONE)

@@ -35,6 +35,7 @@ class EnvInfo:
     guide: str
     max_steps: int
     failure_return: float = 0.0  # return of an episode that runs out of steps without progress
+    step_cost: float = 0.0  # charged to turns that never reach the env (<sub_done>, unparseable text)
 
 
 @dataclass
@@ -115,8 +116,9 @@ class Rollout:
             ids = ids[-self.cfg.max_prompt_tokens:]
         return ids
 
-    def _generate(self, texts: list[str], params: SamplingParams) -> tuple[list[list[int]], list[Generation]]:
-        ids = [self._encode(t) for t in texts]
+    def _generate(self, texts: list[str], params: SamplingParams, prefix: str = "") -> tuple[list[list[int]], list[Generation]]:
+        extra = self.backend.tokenizer.encode(prefix, add_special_tokens=False) if prefix else []
+        ids = [self._encode(t) + extra for t in texts]
         t0 = time.perf_counter()
         gens = self.backend.generate(ids, params)
         self.stats.gen_seconds += time.perf_counter() - t0
@@ -129,10 +131,10 @@ class Rollout:
         texts = [P.planner_prompt(self.env.role, self.env.guide, r.instruction, r.observation.text,
                                   self.max_subgoals, self.cfg.think) for r in runs]
         params = SamplingParams(temperature, self.cfg.top_p, self.cfg.plan_max_new_tokens, P.STOP_PLAN)
-        ids, gens = self._generate(texts, params)
+        ids, gens = self._generate(texts, params, prefix=P.PLAN_PREFIX)
         for r, pid, g in zip(runs, ids, gens):
             r.turns.append(Turn(pid, g, LEVEL_PLANNER, -1, temperature))
-            r.blueprint = P.parse_plan(g.text, self.max_subgoals)
+            r.blueprint = P.parse_plan(P.PLAN_PREFIX + g.text, self.max_subgoals)
             if r.blueprint is None:  # a failed episode, not an exception
                 r.plan_failed, r.done = True, True
                 r.plan_reward = (self.plan_failure_reward if self.plan_failure_reward is not None
@@ -180,14 +182,14 @@ class Rollout:
             r.step_states.append(state_hash(r.state_key))
             if hier and P.is_sub_done(g.text):
                 r.sub_done += 1
-                r.step_rewards.append(0.0)
+                r.step_rewards.append(-self.env.step_cost)
                 self._advance(r)
                 advanced.add(i)
                 continue
             action = P.parse_action(g.text)
             if action is None:  # unparseable: a no-op with the penalty, never sent to the env
                 r.invalid_actions += 1
-                r.step_rewards.append(-self.cfg.invalid_action_penalty)
+                r.step_rewards.append(-self.cfg.invalid_action_penalty - self.env.step_cost)
                 r.history.append(P.HistoryItem(r.observation.text, "invalid"))
                 continue
             to_step.append((i, action))

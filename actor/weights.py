@@ -8,7 +8,9 @@ past ``timeout_s`` is logged and counted, and the actor keeps serving the old ve
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,12 +30,13 @@ class WeightsError(RuntimeError):
     pass
 
 
-def fetch_payload(ann: WeightsAnnouncement, timeout_s: float, curve=None) -> bytes:
+def fetch_payload(ann: WeightsAnnouncement, timeout_s: float, curve=None) -> bytearray:
     """The announced payload bytes, verified against its size and sha256."""
     deadline = time.monotonic() + timeout_s
     if ann.transport == "disk":
+        data = bytearray(os.path.getsize(ann.location))
         with open(ann.location, "rb") as f:
-            data = f.read()
+            f.readinto(data)
     elif ann.transport == "zmq":
         data = _fetch_zmq(ann, deadline, curve)
     else:
@@ -70,7 +73,29 @@ def _fetch_zmq(ann: WeightsAnnouncement, deadline: float, curve) -> bytes:
             offset += n
     finally:
         sock.close(0)
-    return bytes(buf)
+    return buf
+
+
+_ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "I64": "int64", "I32": "int32", "U8": "uint8",
+              "BOOL": "bool"}
+
+
+def safetensors_views(buf: bytearray) -> dict:
+    """Tensors over a safetensors payload without copying it (load_state_dict copies them into the model once)."""
+    import torch
+
+    mv = memoryview(buf)
+    n = int.from_bytes(mv[:8], "little")
+    header = json.loads(bytes(mv[8:8 + n]))
+    base, out = 8 + n, {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        a, b = info["data_offsets"]
+        dt = getattr(torch, _ST_DTYPES[info["dtype"]])
+        t = torch.frombuffer(mv[base + a:base + b], dtype=dt) if b > a else torch.empty(0, dtype=dt)
+        out[name] = t.reshape(info["shape"])
+    return out
 
 
 class WeightReceiver:
@@ -90,9 +115,7 @@ class WeightReceiver:
         data = fetch_payload(ann, self.timeout_s, self.curve)
         if getattr(self.backend, "wants_path", False) and ann.transport == "disk":
             return WeightUpdate(ann.version, {}, ann.location)
-        from safetensors.torch import load
-
-        update = WeightUpdate(ann.version, load(data), ann.location if ann.transport == "disk" else "")
+        update = WeightUpdate(ann.version, safetensors_views(data), ann.location if ann.transport == "disk" else "")
         log.debug("fetched weights v%d (%d bytes) in %.3fs", ann.version, ann.size, time.perf_counter() - t0)
         return update
 
@@ -113,7 +136,13 @@ class WeightReceiver:
             log.error("weights v%d not loaded, keeping v%d: %s", ann_done.version, self.held[1], e)
             return False
         t0 = time.perf_counter()
-        self.backend.load_weights(update)
+        try:
+            self.backend.load_weights(update)
+        except Exception as e:  # a stalled or failed load: keep serving what we hold, retry on the next poll
+            self.failures += 1
+            log.error("weights v%d not loaded into the %s backend, keeping v%d: %s", ann_done.version,
+                      self.backend.name, self.held[1], e)
+            return False
         self.last_load_seconds = seconds + time.perf_counter() - t0
         self.held = (ann_done.learner_id, ann_done.version)
         return True

@@ -294,7 +294,7 @@ def evaluate(args) -> dict[str, Any]:
              f", plan T={plan_temperature:g}" if hier else "", batch)
 
     backend = make_backend(cfg.actor.backend, model, device=cfg.actor.device, threads=cfg.actor.threads,
-                           seed=args.seed)
+                           seed=args.seed, sglang=cfg.actor.sglang)
     pool = None
     records: list[dict] = []
     try:

@@ -121,6 +121,9 @@ def warm_up(model, tokenizer, examples: dict[str, list[tuple[str, str]]], steps:
         for prompt, response in pairs:
             p = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                                add_generation_prompt=True), add_special_tokens=False)
+            if response.startswith(P.PLAN_PREFIX):  # the rollout primes the planner with it: part of the prompt
+                p += tokenizer.encode(P.PLAN_PREFIX, add_special_tokens=False)
+                response = response[len(P.PLAN_PREFIX):]
             enc[kind].append((p, tokenizer.encode(response, add_special_tokens=False)))
     # the blueprint format is the longest and rarest: half of every batch, the rest split between actions
     kinds = [k for k in ("planner", "executor", "planner", "flat") if enc.get(k)]
@@ -129,7 +132,7 @@ def warm_up(model, tokenizer, examples: dict[str, list[tuple[str, str]]], steps:
     losses = []
     from tqdm import tqdm
 
-    for _ in tqdm(range(steps), desc="format warm-up", unit="step", leave=False, dynamic_ncols=True):
+    for _ in tqdm(range(steps), desc="format warm-up", unit="step", leave=False, dynamic_ncols=True, disable=None):
         mb = [rng.choice(enc[kinds[i % len(kinds)]]) for i in range(batch)]
         L = max(len(p) + len(r) for p, r in mb)
         ids = torch.full((batch, L), tokenizer.pad_token_id)

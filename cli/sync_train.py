@@ -72,7 +72,7 @@ def sync_train(cfg: RunConfig, model_path: str, quiet: bool = False, env_latency
                     level=c.level, algo=cfg.algo.name, env=cfg.env.name, task_id=task,
                     task_type=c.runs[0].task_type, episodes=[to_wire(r) for r in c.runs], created_at=time.time()))
             t1 = time.perf_counter()
-            batch = build_batch(groups, cfg.algo)
+            batch = build_batch(groups, cfg.algo, lc.loss_agg)
             stats = engine.train_step(batch.samples, clip_eps=lc.clip_eps, objective=lc.objective,
                                       cap=lc.behav_imp_weight_cap, entropy_coef=lc.entropy_coef,
                                       micro_batch_seqs=lc.micro_batch_seqs)
@@ -91,6 +91,9 @@ def sync_train(cfg: RunConfig, model_path: str, quiet: bool = False, env_latency
             rows.append(row)
             with open(metrics_file, "a") as f:
                 f.write(json.dumps(row) + "\n")
+        model_dir = out / "model"
+        engine.module.save_pretrained(model_dir, state_dict=dict(engine.full_state_dict()))
+        backend.tokenizer.save_pretrained(model_dir)
     finally:
         pool.close()
         task_env.close()

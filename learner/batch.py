@@ -34,6 +34,7 @@ class Sample:
     adv: np.ndarray  # float32 [response]
     mask: np.ndarray  # float32 [response]: 1 where this token takes gradient
     temperature: float
+    weight: float = 1.0  # loss weight of each of its tokens (episode-mean: 1 / the episode's trained tokens)
 
     @property
     def n_tokens(self) -> int:
@@ -56,7 +57,7 @@ def group_samples(group: TrajectoryGroup, algo: AlgoConfig) -> tuple[list[Sample
     eps_list = group.episodes
     ga = group_advantages([e.reward for e in eps_list], algo.norm, algo.eps)
     step_adv = None
-    info = {"degenerate": int(ga.degenerate), "anchor_groups": 0}
+    info = {"degenerate": int(ga.degenerate), "anchor_groups": 0, "episode_of": []}
     if uses_step_advantage(algo, group.level):
         sa = anchor_step_advantages([unpack("step_rewards", e.step_rewards) for e in eps_list],
                                     [unpack("step_states", e.step_states) for e in eps_list],
@@ -87,17 +88,38 @@ def group_samples(group: TrajectoryGroup, algo: AlgoConfig) -> tuple[list[Sample
                 input_ids=tokens[s:e].astype(np.int64), prompt_len=p,
                 behav_logp=logprobs[resp].astype(np.float32), adv=np.full(e - s - p, a, dtype=np.float32),
                 mask=mask, temperature=float(temps[t]) if temps[t] > 0 else 1.0))
+            info["episode_of"].append(e_idx)
     return samples, info
 
 
-def build_batch(groups: list[TrajectoryGroup], algo: AlgoConfig) -> Batch:
+def episode_mean_weights(samples: list[Sample], episode_of: list[int]) -> None:
+    """Every episode weighs the same, whatever its length: its tokens share weight 1 / its trained tokens.
+
+    Why: with episode-level advantages, a long failed episode (15 turns) outweighs several short
+    wins under token-mean, pushing down the format tokens every response shares; weighting by
+    episode removes that length bias.
+    """
+    totals: dict[int, float] = {}
+    for s, e in zip(samples, episode_of):
+        totals[e] = totals.get(e, 0.0) + s.n_tokens
+    for s, e in zip(samples, episode_of):
+        s.weight = 1.0 / totals[e] if totals[e] else 0.0
+
+
+def build_batch(groups: list[TrajectoryGroup], algo: AlgoConfig, loss_agg: str = "token-mean") -> Batch:
     samples: list[Sample] = []
+    episode_of: list[int] = []
     degenerate = anchor_groups = 0
-    for g in groups:
+    for gi, g in enumerate(groups):
         s, info = group_samples(g, algo)
         samples += s
+        episode_of += [gi * 100_000 + i for i in info["episode_of"]]
         degenerate += info["degenerate"]
         anchor_groups += info["anchor_groups"]
+    if loss_agg == "episode-mean":
+        episode_mean_weights(samples, episode_of)
+    elif loss_agg != "token-mean":
+        raise ValueError(f"unknown loss aggregation {loss_agg!r}")
     eps = [e for g in groups for e in g.episodes]
     advs = np.concatenate([s.adv[s.mask > 0] for s in samples]) if samples else np.zeros(0)
     sub_done = sum(e.sub_done for e in eps)

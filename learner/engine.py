@@ -122,7 +122,7 @@ class PolicyEngine:
         # response token j of row i sits at column prompt_len + j and is predicted from column prompt_len + j - 1
         gather_idx = torch.zeros((len(mb), R), dtype=torch.long)
         resp = torch.zeros((len(mb), R), dtype=torch.long)
-        fields = {k: torch.zeros((len(mb), R)) for k in ("behav", "adv", "mask")}
+        fields = {k: torch.zeros((len(mb), R)) for k in ("behav", "adv", "mask", "weight")}
         for i, s in enumerate(mb):
             n, r = len(s.input_ids), len(s.input_ids) - s.prompt_len
             ids[i, :n] = torch.from_numpy(s.input_ids)
@@ -132,6 +132,7 @@ class PolicyEngine:
             fields["behav"][i, :r] = torch.from_numpy(s.behav_logp)
             fields["adv"][i, :r] = torch.from_numpy(s.adv)
             fields["mask"][i, :r] = torch.from_numpy(s.mask)
+            fields["weight"][i, :r] = s.weight
         temps = torch.tensor([s.temperature for s in mb])
         dev = self.engine.device
         ids, attn, gather_idx, resp = ids.to(dev), attn.to(dev), gather_idx.to(dev), resp.to(dev)
@@ -152,12 +153,13 @@ class PolicyEngine:
     def train_step(self, samples: list[Sample], *, clip_eps: float, objective: str, cap: float, entropy_coef: float,
                    micro_batch_seqs: int) -> StepStats:
         total_tokens = sum(s.n_tokens for s in samples)  # the whole batch, identical on every rank
+        total_weight = sum(s.weight * s.n_tokens for s in samples)  # token-mean: tokens; episode-mean: episodes
         mine = self._shard(samples)
         if not mine:  # every rank must join the gradient all-reduce: a zero-weight dummy
             s0 = samples[0]
-            mine = [Sample(s0.input_ids, s0.prompt_len, s0.behav_logp, s0.adv, np.zeros_like(s0.mask), 1.0)]
+            mine = [Sample(s0.input_ids, s0.prompt_len, s0.behav_logp, s0.adv, np.zeros_like(s0.mask), 1.0, 0.0)]
         # DeepSpeed averages gradients over ranks; scale by world so the average is the global token-mean
-        denom = max(1, total_tokens) / self.world
+        denom = (total_weight if total_weight > 0 else 1.0) / self.world
         sums = dict(loss=0.0, clipped=0.0, capped=0.0, ratio=0.0, kl=0.0, entropy=0.0)
         batches = self._micro_batches(mine, micro_batch_seqs)
         finite = True
@@ -165,7 +167,7 @@ class PolicyEngine:
             logp, ent, ref_logp, f = self._forward(mb)
             parts = policy_loss(logp, f["behav"], f["adv"], f["mask"], denom, clip_eps=clip_eps, objective=objective,
                                 cap=cap, ref_logp=ref_logp, kl_beta=self.kl_beta, entropy=ent,
-                                entropy_coef=entropy_coef)
+                                entropy_coef=entropy_coef, token_weight=f["weight"])
             if not torch.isfinite(parts.loss):
                 finite = False
             self.engine.set_gradient_accumulation_boundary(i == len(batches) - 1)

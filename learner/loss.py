@@ -55,8 +55,13 @@ class LossParts:
 def policy_loss(logp: torch.Tensor, behav_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, denom: float, *,
                 clip_eps: float = 0.2, objective: str = "decoupled", cap: float = 5.0,
                 prox_logp: torch.Tensor | None = None, ref_logp: torch.Tensor | None = None, kl_beta: float = 0.0,
-                entropy: torch.Tensor | None = None, entropy_coef: float = 0.0) -> LossParts:
-    """-sum_t mask * [w * min(r A, clip(r, 1-e, 1+e) A) - beta KL + c H] / denom."""
+                entropy: torch.Tensor | None = None, entropy_coef: float = 0.0,
+                token_weight: torch.Tensor | None = None) -> LossParts:
+    """-sum_t mask * u_t * [w * min(r A, clip(r, 1-e, 1+e) A) - beta KL + c H] / denom.
+
+    ``token_weight`` u_t (default 1) sets the aggregation: 1 for token-mean (denom = tokens), or
+    1 / (the episode's trained tokens) for episode-mean (denom = episodes), see ``batch.py``.
+    """
     mask = mask.to(logp.dtype)
     if objective == "ppo":
         ratio = torch.exp(logp - behav_logp)
@@ -82,6 +87,8 @@ def policy_loss(logp: torch.Tensor, behav_logp: torch.Tensor, adv: torch.Tensor,
         ent_sum = (entropy * mask).sum().detach()
         if entropy_coef > 0:
             per_token = per_token - entropy_coef * entropy
+    if token_weight is not None:
+        keep = keep * token_weight
     loss = (per_token * keep).sum() / denom
     with torch.no_grad():
         clipped = (((ratio * adv) > (clipped_ratio * adv)).to(mask.dtype) * mask).sum()

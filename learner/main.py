@@ -126,18 +126,19 @@ def run_learner(cfg: RunConfig, model_path: str, out_dir: str, resume: bool = Fa
     pending_publish: Future | None = None
 
     def publish(v: int, ph: str) -> Future | None:
-        """Snapshot the weights now (collective under ZeRO-3); serialise + announce on a thread."""
+        """Serialise the weights now (the buffer is the snapshot; collective under ZeRO-3); write, hash and
+        announce on a thread while the next step trains."""
         nonlocal pending_publish
         sd = engine.full_state_dict()
         if not rank0:
             return None
+        t0 = time.perf_counter()
+        payload = serialize(sd)
         if pending_publish is not None:
             pending_publish.result()  # keep announcements in version order
-        sd = {k: v_.clone() for k, v_ in sd.items()}
 
         def job():
-            t0 = time.perf_counter()
-            ann = publisher.publish(serialize(sd), v, ph, learner_id)
+            ann = publisher.publish(payload, v, ph, learner_id)
             server.announce(ann)
             metrics.publish_seconds.observe(time.perf_counter() - t0)
             return ann
@@ -175,7 +176,7 @@ def run_learner(cfg: RunConfig, model_path: str, out_dir: str, resume: bool = Fa
                 payload = None
             else:
                 t1 = time.perf_counter()
-                batch = build_batch(groups, algo)
+                batch = build_batch(groups, algo, lc.loss_agg)
                 payload = (batch, groups)
         if engine.world > 1:
             box = [None if payload is None else payload[0]]

@@ -11,6 +11,7 @@ Every announcement carries the payload's size and sha256, which the actor verifi
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -27,20 +28,47 @@ from himac.protocol import FetchWeights, Rejected, WeightsAnnouncement, WeightsC
 log = logging.getLogger(__name__)
 
 
-def serialize(state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> bytes:
-    """safetensors bytes; a tensor sharing storage with an earlier one (tied weights) is written once."""
-    from safetensors.torch import save
+_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
+              torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
 
+
+def serialize(state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> bytearray:
+    """The safetensors payload of a state dict, written in one pass into one buffer.
+
+    Each tensor is converted (``dtype`` for floating tensors) straight into its slot, so the
+    buffer is itself a snapshot of the weights: no clone first, no per-tensor byte strings
+    joined after (bench/weight_sync.py: ~0.5 s instead of ~10 s for a 0.5B model). A tensor
+    sharing storage with an earlier one (tied embeddings) is written once.
+    """
     seen: set[int] = set()
-    out: dict[str, torch.Tensor] = {}
+    tensors = []
     for name, t in state_dict.items():
         ptr = t.untyped_storage().data_ptr()
         if ptr in seen:
             continue
         seen.add(ptr)
-        t = t.detach().cpu()
-        out[name] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
-    return save(out)
+        dt = dtype if dtype is not None and t.is_floating_point() else t.dtype
+        tensors.append((name, t, dt, torch.empty(0, dtype=dt).element_size()))
+    # widest elements first: every offset stays aligned to its element size, with no gaps (the format forbids them)
+    tensors.sort(key=lambda x: -x[3])
+    items, header, offset = [], {}, 0
+    for name, t, dt, size in tensors:
+        n = t.numel() * size
+        header[name] = {"dtype": _ST_DTYPES[dt], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        items.append((t, dt, offset, n))
+        offset += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # safetensors aligns the data to 8 bytes
+    out = bytearray(8 + len(head) + offset)
+    out[:8] = len(head).to_bytes(8, "little")
+    out[8:8 + len(head)] = head
+    flat = torch.frombuffer(out, dtype=torch.uint8)
+    base = 8 + len(head)
+    with torch.no_grad():
+        for t, dt, a, n in items:
+            if n:
+                flat[base + a:base + a + n].view(dt).view(t.shape).copy_(t.detach())
+    return out
 
 
 class DiskPublisher:
@@ -52,7 +80,7 @@ class DiskPublisher:
         self.model_dir = Path(model_dir)
         self.keep = keep
 
-    def publish(self, payload: bytes, version: int, phase: str, learner_id: str) -> WeightsAnnouncement:
+    def publish(self, payload: bytes | bytearray, version: int, phase: str, learner_id: str) -> WeightsAnnouncement:
         final = self.dir / f"v{version:06d}"
         tmp = self.dir / f".tmp-v{version:06d}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -110,7 +138,7 @@ class ZmqPublisher:
         self._thread = threading.Thread(target=self._serve, name="weights-zmq", daemon=True)
         self._thread.start()
 
-    def publish(self, payload: bytes, version: int, phase: str, learner_id: str) -> WeightsAnnouncement:
+    def publish(self, payload: bytes | bytearray, version: int, phase: str, learner_id: str) -> WeightsAnnouncement:
         with self._lock:
             self._payloads[version] = payload
             while len(self._payloads) > self.keep:

@@ -37,6 +37,9 @@ class SokobanConfig(_Section):
     max_steps: PosInt = 15
     test_size: PosInt = 200  # seeded held-out rooms of the `test` split
     train_size: NonNegInt = 0  # 0 = every other seed (~2^31 rooms); N = only the first N train rooms
+    # keep only rooms whose shortest solution takes at most this many moves (0 = no cap): a
+    # difficulty knob, and with max_steps it drops rooms that cannot be won in time
+    max_solution_steps: NonNegInt = 0
     test_seed: int = 20_261_125
 
 
@@ -146,7 +149,7 @@ class LearnerConfig(_Section):
     device: str = "cpu"  # "cuda" under a GPU launcher (each rank uses its LOCAL_RANK device)
     steps: PosInt = 30
     batch_groups: PosInt = 4  # groups consumed per optimiser step
-    lr: PosFloat = 1e-4
+    lr: PosFloat = 3e-4  # for the tiny CPU model; real checkpoints want ~1e-6 (verl-agent)
     weight_decay: NonNegFloat = 0.0
     clip_eps: PosFloat = 0.2
     kl_beta: NonNegFloat = 0.01
@@ -155,6 +158,9 @@ class LearnerConfig(_Section):
     # importance weight capped); "ppo": plain clipped ratio against behaviour logprobs
     objective: Literal["decoupled", "ppo"] = "decoupled"
     behav_imp_weight_cap: PosFloat = 5.0
+    # "token-mean" over all trained tokens of the batch (verl's default), or "episode-mean": every
+    # episode weighs the same (no bias toward long, failed episodes; see learner/batch.py)
+    loss_agg: Literal["token-mean", "episode-mean"] = "token-mean"
     max_staleness: NonNegInt = 4  # groups older than this many versions are dropped
     micro_batch_seqs: PosInt = 64  # sequences per forward/backward chunk
     credits_per_actor: PosInt = 2
@@ -171,6 +177,20 @@ class LearnerConfig(_Section):
     seed: int = 0
 
 
+class SGLangConfig(_Section):
+    """Options of the SGLang generation backend (GPU only; ``actor.backend: sglang``)."""
+
+    tp_size: PosInt = 1
+    dtype: str = "auto"
+    mem_fraction_static: Annotated[float, Meta(gt=0, le=1)] | None = None
+    port: Port = 0  # the engine's internal port; set distinct ones for several engines on one host
+    disable_radix_cache: bool = False
+    generate_timeout_s: PosFloat = 600.0  # a generate call slower than this fails (never hangs the actor)
+    call_timeout_s: PosFloat = 120.0  # other engine calls (flush_cache, group setup)
+    tensor_bucket_bytes: PosInt = 1 << 30  # update_weights_from_tensor in buckets of this size
+    engine_args: dict[str, Any] = msgspec.field(default_factory=dict)  # passed to sglang.Engine as is
+
+
 class ActorConfig(_Section):
     learner: str = "tcp://127.0.0.1:5555"  # the learner's ROUTER; its PUB is announced in Welcome
     backend: Literal["transformers", "sglang"] = "transformers"
@@ -181,6 +201,7 @@ class ActorConfig(_Section):
     learner_timeout_s: PosFloat = 10.0  # no reply for this long: the learner is gone, reconnect
     resend_after_s: PosFloat = 60.0  # resend a group still un-acked after this long
     weights_timeout_s: PosFloat = 300.0  # a weight transfer slower than this fails; the old version stays
+    sglang: SGLangConfig = msgspec.field(default_factory=SGLangConfig)
     spool_dir: str = ""  # unacked groups survive a restart here; default RUN/spool/<actor_id>
     max_message_bytes: PosInt = 256 * 1024 * 1024
     seed: int = 0

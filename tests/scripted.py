@@ -49,7 +49,7 @@ def solution() -> list[str]:
 def make_rollout(tokenizer, script, budget=0, plan_failure_reward=None):
     cfg = load_config()
     backend = ScriptedBackend(tokenizer, script)
-    info = EnvInfo(SokobanEnv.role, SokobanEnv.guide, 15, SokobanEnv.failure_return(15))
+    info = EnvInfo(SokobanEnv.role, SokobanEnv.guide, 15, SokobanEnv.failure_return(15), SokobanEnv.step_cost)
     pool = EnvPool(cfg.env, 4, workers=0)
     return Rollout(backend, pool, info, cfg.rollout, max_subgoals=4, subgoal_budget_steps=budget,
                    plan_failure_reward=plan_failure_reward), backend

@@ -18,7 +18,7 @@ def hier_runs(tokenizer, n=4):
     """n HiMAC episodes; episode i moves `up` i+1 times then gives up, so returns differ."""
     def script(prompt, i):
         if "You are the planner" in prompt:
-            return "<plan>1. go\n2. stop</plan>"
+            return "1. go\n2. stop</plan>"
         return "<action>up</action>"
 
     ro, _ = make_rollout(tokenizer, script)

@@ -40,7 +40,7 @@ def test_sub_done_advances_and_the_executor_sees_only_its_segment(tiny_tokenizer
 
     def script(prompt, i):
         if "You are the planner" in prompt:
-            return "<plan>1. first part\n2. second part</plan>"
+            return "1. first part\n2. second part</plan>"  # the prompt ends with the <plan> prefix
         if current_subgoal(prompt) == "1/2" and "taken 1 step(s) on this subgoal" in prompt:
             return P.SUB_DONE  # one move on subgoal 1, then declare it done
         return f"<action>{next(moves)}</action>"
@@ -66,7 +66,7 @@ def test_sub_done_advances_and_the_executor_sees_only_its_segment(tiny_tokenizer
 def test_budget_forces_an_advance_and_segments_restart(tiny_tokenizer):
     def script(prompt, i):
         if "You are the planner" in prompt:
-            return "<plan>1. a\n2. b\n3. c</plan>"
+            return "1. a\n2. b\n3. c</plan>"
         return "<action>up</action>" if i % 2 else "<action>down</action>"  # never <sub_done>
 
     ro, backend = make_rollout(tiny_tokenizer, script, budget=2)
@@ -81,7 +81,7 @@ def test_budget_forces_an_advance_and_segments_restart(tiny_tokenizer):
 
 def test_default_budget_is_ceil_steps_over_k_plus_two(tiny_tokenizer):
     def script(prompt, i):
-        return "<plan>1. a\n2. b</plan>" if "You are the planner" in prompt else "<action>left</action>"
+        return "1. a\n2. b</plan>" if "You are the planner" in prompt else "<action>left</action>"
 
     ro, backend = make_rollout(tiny_tokenizer, script)
     ro.run([TASK], "hier", temperature=1.0)
@@ -89,8 +89,8 @@ def test_default_budget_is_ceil_steps_over_k_plus_two(tiny_tokenizer):
     assert subgoals.count("1/2") == 10  # ceil(15 / 2) + 2
 
 
-@pytest.mark.parametrize("plan", ["no plan here", "<plan></plan>", "<plan>2. starts at two</plan>",
-                                  "<plan>1. a\nnot numbered</plan>", "<plan>1. a\n2. b\n3. c\n4. d\n5. e</plan>"])
+@pytest.mark.parametrize("plan", ["no plan here", "</plan>", "2. starts at two</plan>", "1. a\nnot numbered</plan>",
+                                  "1. a\n2. b\n3. c\n4. d\n5. e</plan>", "1. never closed"])
 def test_malformed_plan_is_a_failed_episode_not_an_exception(tiny_tokenizer, plan):
     ro, backend = make_rollout(tiny_tokenizer, lambda p, i: plan)
     runs = ro.run([TASK, TASK], "hier", temperature=1.0)
@@ -111,13 +111,13 @@ def test_unparseable_action_is_a_penalised_no_op(tiny_tokenizer):
     ro, _ = make_rollout(tiny_tokenizer, lambda p, i: "I will go up" if i == 0 else "<action>up</action>")
     (run,) = ro.run([TASK], "flat", temperature=1.0)
     assert run.invalid_actions >= 1
-    assert run.step_rewards[0] == pytest.approx(-0.1)
+    assert run.step_rewards[0] == pytest.approx(-0.1 - 0.1)  # the penalty plus the step it wasted
     assert run.step_states[0] == run.step_states[1]  # the state did not change
 
 
 def test_every_token_keeps_its_level(tiny_tokenizer):
     def script(prompt, i):
-        return "<plan>1. go</plan>" if "You are the planner" in prompt else "<action>up</action>"
+        return "1. go</plan>" if "You are the planner" in prompt else "<action>up</action>"
 
     ro, _ = make_rollout(tiny_tokenizer, script)
     (run,) = ro.run([TASK], "hier", temperature=0.7, plan_temperature=1.0)
@@ -132,3 +132,13 @@ def test_every_token_keeps_its_level(tiny_tokenizer):
     assert unpack("turn_steps", ep.turn_steps)[0] == -1
     assert unpack("turn_temps", ep.turn_temps).tolist()[:2] == pytest.approx([1.0, 0.7])
     assert len(unpack("step_rewards", ep.step_rewards)) == run.steps
+
+
+def test_the_planner_is_primed_with_the_plan_prefix(tiny_tokenizer):
+    def script(prompt, i):
+        return "1. go</plan>" if "You are the planner" in prompt else "<action>up</action>"
+
+    ro, backend = make_rollout(tiny_tokenizer, script)
+    (run,) = ro.run([TASK], "hier", temperature=1.0)
+    assert backend.prompts[0].rstrip().endswith(P.PLAN_PREFIX)
+    assert run.blueprint == ["go"]

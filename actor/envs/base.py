@@ -36,6 +36,9 @@ class Env(abc.ABC):
     role: ClassVar[str] = "You are an expert agent."
     # extra guidance for the acting model (symbols, rules); may be empty
     guide: ClassVar[str] = ""
+    # what one step costs in this env's reward (Sokoban: 0.1): a turn that never reaches the env
+    # (<sub_done>, unparseable text) is charged it too, so skipping the env is never cheaper than acting
+    step_cost: ClassVar[float] = 0.0
     max_steps: int
 
     @abc.abstractmethod
