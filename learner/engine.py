@@ -172,7 +172,7 @@ class PolicyEngine:
                 finite = False
             self.engine.set_gradient_accumulation_boundary(i == len(batches) - 1)
             self.engine.backward(parts.loss if finite else parts.loss * 0.0)
-            sums["loss"] += float(parts.loss.detach()) * self.world
+            sums["loss"] += float(parts.loss.detach()) / self.world  # each rank's loss is scaled up by world
             sums["clipped"] += float(parts.clipped)
             sums["capped"] += float(parts.capped)
             sums["ratio"] += float(parts.ratio_sum)
@@ -191,7 +191,7 @@ class PolicyEngine:
             grad_norm = float("nan")
             log.warning("non-finite loss or gradient: step skipped, weights untouched")
         n = max(1, total_tokens)
-        return StepStats(loss=sums["loss"] / self.world, grad_norm=grad_norm, skipped=not finite, tokens=total_tokens,
+        return StepStats(loss=sums["loss"], grad_norm=grad_norm, skipped=not finite, tokens=total_tokens,
                          clip_fraction=sums["clipped"] / n, capped_fraction=sums["capped"] / n,
                          ratio_mean=sums["ratio"] / n, kl=sums["kl"] / n, entropy=sums["entropy"] / n)
 
