@@ -33,21 +33,24 @@ def pick_blueprint(probes: list[EpisodeRun], instruction: str) -> list[str]:
     return list(parsed[best].blueprint)
 
 
-def collect_group(rollout: Rollout, algo: AlgoConfig, rcfg: RolloutConfig, phase: str, task_id: str) -> CollectedGroup:
+def collect_group(rollout: Rollout, algo: AlgoConfig, rcfg: RolloutConfig, phase: str, task_id: str,
+                  prefetch_next: list[str] | None = None) -> CollectedGroup:
+    """One group; ``prefetch_next``: the next group's first-run task ids, reset ahead (spare pool)."""
     h = algo.himac
+    first = {"prefetch_next": prefetch_next}
     if algo.name in ("grpo", "gigpo"):
-        runs = rollout.run([task_id] * algo.group_size, "flat", temperature=rcfg.temperature)
+        runs = rollout.run([task_id] * algo.group_size, "flat", temperature=rcfg.temperature, **first)
         return CollectedGroup("flat", runs, [])
     if phase == "macro":
         runs = rollout.run([task_id] * h.blueprints, "hier", temperature=h.frozen_executor_temperature,
-                           plan_temperature=h.plan_temperature)
+                           plan_temperature=h.plan_temperature, **first)
         return CollectedGroup("macro", runs, [])
     # micro: fix z*, then N executions of it
     if h.micro_blueprint == "greedy":
-        probes = rollout.run([task_id], "hier", temperature=rcfg.temperature, plan_temperature=0.0)
+        probes = rollout.run([task_id], "hier", temperature=rcfg.temperature, plan_temperature=0.0, **first)
     else:
         probes = rollout.run([task_id] * h.probe_blueprints, "hier", temperature=rcfg.temperature,
-                             plan_temperature=h.probe_plan_temperature)
+                             plan_temperature=h.probe_plan_temperature, **first)
     z_star = pick_blueprint(probes, probes[0].instruction)
     kept: list[EpisodeRun] = []
     if h.reuse_probe_episode:
@@ -55,6 +58,16 @@ def collect_group(rollout: Rollout, algo: AlgoConfig, rcfg: RolloutConfig, phase
     runs = rollout.run([task_id] * (algo.group_size - len(kept)), "hier", temperature=rcfg.temperature,
                        blueprints=[z_star] * (algo.group_size - len(kept)))
     return CollectedGroup("micro", kept + runs, probes)
+
+
+def first_run_tasks(algo: AlgoConfig, phase: str, task_id: str) -> list[str]:
+    """The task ids of a group's first run (what ``Rollout.prefetch`` can reset ahead of time)."""
+    h = algo.himac
+    if algo.name in ("grpo", "gigpo"):
+        return [task_id] * algo.group_size
+    if phase == "macro":
+        return [task_id] * h.blueprints
+    return [task_id] * (1 if h.micro_blueprint == "greedy" else h.probe_blueprints)
 
 
 def pool_size(algo: AlgoConfig) -> int:

@@ -22,7 +22,8 @@ from pathlib import Path
 import zmq
 
 from himac.protocol import (
-    Ack, Credit, Heartbeat, Hello, Rejected, Status, TrajectoryGroup, WeightsAnnouncement, Welcome, decode, encode,
+    Ack, Credit, Heartbeat, Hello, NcclOffer, NcclPull, NcclPush, Rejected, Status, TrajectoryGroup,
+    WeightsAnnouncement, Welcome, decode, encode,
 )
 
 from .metrics import ActorMetrics
@@ -92,6 +93,9 @@ class LearnerLink:
         self.held_version = -1
         self.held_digest = ""
         self._unacked: dict[str, tuple[bytes, float]] = {}  # group id -> (frame, last sent at)
+        self.nccl_offer: NcclOffer | None = None  # the weight-update group the learner offered (nccl transport)
+        self._nccl_pushes: dict[str, NcclPush] = {}
+        self._control: queue.Queue[bytes] = queue.Queue()  # small messages from the main thread
         self._outbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self._stop = threading.Event()
         self._rejects = 0
@@ -134,6 +138,23 @@ class LearnerLink:
         with self._cv:
             self._unacked[group.group_id] = (frame, time.monotonic())
         self._outbox.put((group.group_id, frame))
+
+    # -- nccl transport: the main thread asks; this thread carries the messages
+    def request_nccl_offer(self) -> None:
+        """Forget the current offer and say hello again: the learner answers with a new one."""
+        with self._cv:
+            self.nccl_offer = None
+        self._control.put(encode(Hello(actor_id=self.actor_id, incarnation=self.incarnation,
+                                       capabilities=self.capabilities, held_version=self.held_version)))
+
+    def nccl_pull(self, group_name: str, version: int, timeout: float) -> NcclPush | None:
+        """Ask for ``version`` (or newer) over our group; the learner's answer, or None on timeout."""
+        with self._cv:
+            self._nccl_pushes.pop(group_name, None)
+        self._control.put(encode(NcclPull(actor_id=self.actor_id, group_name=group_name, version=version)))
+        with self._cv:
+            self._cv.wait_for(lambda: group_name in self._nccl_pushes, timeout)
+            return self._nccl_pushes.pop(group_name, None)
 
     def set_held(self, version: int, digest: str) -> None:
         with self._cv:
@@ -189,6 +210,8 @@ class LearnerLink:
                     backoff = 0.5
                 if self.connected:
                     self._flush(dealer, now)
+                    while not self._control.empty():
+                        self._try_send(dealer, self._control.get_nowait())
                 for sock, _ in poller.poll(timeout=50):
                     while True:
                         try:
@@ -304,6 +327,14 @@ class LearnerLink:
         elif isinstance(msg, Credit):
             with self._cv:
                 self.window = msg.credits
+                self._cv.notify_all()
+        elif isinstance(msg, NcclOffer):
+            with self._cv:
+                self.nccl_offer = msg
+                self._cv.notify_all()
+        elif isinstance(msg, NcclPush):
+            with self._cv:
+                self._nccl_pushes[msg.group_name] = msg
                 self._cv.notify_all()
         elif isinstance(msg, WeightsAnnouncement):
             with self._cv:

@@ -24,7 +24,7 @@ from himac.protocol import TrajectoryGroup
 from himac.protocol.config import RunConfig
 
 from .backend import make_backend
-from .collect import collect_group, pool_size
+from .collect import collect_group, first_run_tasks, pool_size
 from .envs import env_class, env_section, make_env
 from .envs.pool import EnvPool
 from .link import LearnerLink, Spool
@@ -45,38 +45,47 @@ def write_status(path: Path, status: dict) -> None:
     os.replace(tmp, path)
 
 
-def build_rollout(cfg: RunConfig, backend, pool) -> Rollout:
+def build_rollout(cfg: RunConfig, backend, pool, spare_pool=None) -> Rollout:
     env_cls, section = env_class(cfg.env.name), env_section(cfg.env)
     info = EnvInfo(env_cls.role, env_cls.guide, section.max_steps, env_cls.failure_return(section.max_steps),
                    env_cls.step_cost)
     h = cfg.algo.himac
     return Rollout(backend, pool, info, cfg.rollout, max_subgoals=h.max_subgoals,
-                   subgoal_budget_steps=h.subgoal_budget, plan_failure_reward=h.plan_failure_reward)
+                   subgoal_budget_steps=h.subgoal_budget, plan_failure_reward=h.plan_failure_reward,
+                   spare_pool=spare_pool)
 
 
 def run_actor(cfg: RunConfig, actor_id: str, model_path: str, work_dir: str, learner: str | None = None,
-              metrics_port: int | None = None, max_groups: int = 0, curve=None) -> int:
+              metrics_port: int | None = None, max_groups: int = 0, curve=None,
+              stop: threading.Event | None = None) -> int:
+    """Run until SIGTERM/SIGINT, ``max_groups`` groups, or ``stop`` is set (embedding: then no signal handlers)."""
     incarnation = new_incarnation()
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     metrics = ActorMetrics(actor_id, cfg.env.name, cfg.actor.backend)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    if stop is None:
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
 
     backend = make_backend(cfg.actor.backend, model_path, device=cfg.actor.device, threads=cfg.actor.threads,
                            seed=hash((cfg.actor.seed, actor_id, incarnation)) & 0x7FFFFFFF, sglang=cfg.actor.sglang,
                            weights_timeout_s=cfg.actor.weights_timeout_s)
     receiver = WeightReceiver(backend, timeout_s=cfg.actor.weights_timeout_s, curve=curve)
+    capabilities = [f"backend:{backend.name}", "transport:disk", "transport:zmq"]
+    if hasattr(backend, "init_weights_group"):  # an engine that can join an NCCL weight-update group
+        capabilities += ["transport:nccl", f"nccl_ranks:{cfg.actor.sglang.tp_size}"]
     task_env = make_env(cfg.env)  # lists and samples task ids; the pool's envs play them
     pool = EnvPool(cfg.env, pool_size(cfg.algo))
-    rollout = build_rollout(cfg, backend, pool)
+    spare = EnvPool(cfg.env, pool_size(cfg.algo)) if cfg.env.workers and cfg.env.prefetch_reset else None
+    rollout = build_rollout(cfg, backend, pool, spare)
     spool = Spool(cfg.actor.spool_dir or work / "spool")
     link = LearnerLink(learner or cfg.actor.learner, actor_id, incarnation, spool, metrics, sent_log=work / "sent.jsonl",
                        heartbeat_s=cfg.actor.heartbeat_s, reconnect_max_s=cfg.actor.reconnect_max_s,
                        learner_timeout_s=cfg.actor.learner_timeout_s, resend_after_s=cfg.actor.resend_after_s,
                        max_message_bytes=cfg.actor.max_message_bytes,
-                       capabilities=[f"backend:{backend.name}", "transport:disk", "transport:zmq"], curve=curve).start()
+                       capabilities=capabilities, curve=curve).start()
+    receiver.link = link
     if metrics_port is not None:
         from himac.protocol.observability import serve_metrics
 
@@ -88,6 +97,7 @@ def run_actor(cfg: RunConfig, actor_id: str, model_path: str, work_dir: str, lea
              cfg.algo.name, backend.name)
 
     seq = groups = failures_seen = 0
+    next_task = None
     try:
         while not stop.is_set() and (not max_groups or groups < max_groups):
             # 2. newer weights? (fetch runs in the background; the swap happens here, between groups)
@@ -114,10 +124,13 @@ def run_actor(cfg: RunConfig, actor_id: str, model_path: str, work_dir: str, lea
             # 4. one group
             phase = link.phase
             version = receiver.held[1]
-            task_id = task_env.sample_task(cfg.env.split, rng)
+            task_id = next_task or task_env.sample_task(cfg.env.split, rng)
+            next_task = task_env.sample_task(cfg.env.split, rng)
             t0 = time.perf_counter()
             gen0, env0, reset0 = rollout.stats.gen_seconds, rollout.stats.env_seconds, rollout.stats.reset_seconds
-            collected = collect_group(rollout, cfg.algo, cfg.rollout, phase, task_id)
+            # the next group's first envs reset on the spare pool while this group generates
+            collected = collect_group(rollout, cfg.algo, cfg.rollout, phase, task_id,
+                                      prefetch_next=first_run_tasks(cfg.algo, phase, next_task))
             episodes = [to_wire(r) for r in collected.runs]
             group = TrajectoryGroup(
                 group_id=f"{actor_id}.{incarnation}.{seq}", actor_id=actor_id, incarnation=incarnation,
@@ -140,6 +153,8 @@ def run_actor(cfg: RunConfig, actor_id: str, model_path: str, work_dir: str, lea
         link.close()
         receiver.close()
         pool.close()
+        if spare is not None:
+            spare.close()
         task_env.close()
         backend.close()
     log.info("actor %s stopped after %d groups", actor_id, groups)

@@ -80,7 +80,8 @@ class EpisodeRun:
 class RolloutStats:
     gen_seconds: float = 0.0
     env_seconds: float = 0.0  # resets + steps
-    reset_seconds: float = 0.0
+    reset_seconds: float = 0.0  # waiting for resets (prefetched ones cost ~0 here)
+    prefetched_resets: int = 0
     tokens: int = 0
     truncated_prompts: int = 0
 
@@ -96,8 +97,12 @@ def subgoal_budget(max_steps: int, num_subgoals: int, configured: int) -> int:
 
 class Rollout:
     def __init__(self, backend: GenerationBackend, pool, env: EnvInfo, cfg: RolloutConfig,
-                 max_subgoals: int = 4, subgoal_budget_steps: int = 0, plan_failure_reward: float | None = None):
+                 max_subgoals: int = 4, subgoal_budget_steps: int = 0, plan_failure_reward: float | None = None,
+                 spare_pool=None):
         self.backend, self.pool, self.env, self.cfg = backend, pool, env, cfg
+        # a second pool resets the next run's envs in its workers while this run generates
+        self.spare = spare_pool
+        self._prefetched: tuple[list[str], object] | None = None
         self.max_subgoals = max_subgoals
         self.subgoal_budget_steps = subgoal_budget_steps
         # None: a failed plan earns env.failure_return, what an episode that makes no progress earns
@@ -142,18 +147,22 @@ class Rollout:
 
     # ------------------------------------------------------------------ episodes
     def run(self, task_ids: Sequence[str], mode: str, *, temperature: float, plan_temperature: float = 1.0,
-            blueprints: Sequence[list[str]] | None = None) -> list[EpisodeRun]:
+            blueprints: Sequence[list[str]] | None = None, prefetch_next: Sequence[str] | None = None
+            ) -> list[EpisodeRun]:
         """Run one episode per task id in lockstep (a group repeats one id; evaluation mixes them).
 
         ``mode``: "flat" or "hier" (the planner writes a blueprint first unless ``blueprints`` are given).
+        ``prefetch_next``: task ids to start resetting on the spare pool once this run's envs are reset.
         """
         runs = [EpisodeRun(t) for t in task_ids]
         t0 = time.perf_counter()
-        for r, snap in zip(runs, self.pool.reset(list(task_ids))):
+        for r, snap in zip(runs, self._reset(list(task_ids))):
             r.instruction, r.task_type = snap.instruction, snap.task_type
             r.observation, r.state_key = snap.observation, snap.state_key
         self.stats.reset_seconds += time.perf_counter() - t0
         self.stats.env_seconds += time.perf_counter() - t0
+        if prefetch_next:
+            self.prefetch(prefetch_next)
         if mode == "hier":
             if blueprints is None:
                 self.plan(runs, plan_temperature)
@@ -168,6 +177,20 @@ class Rollout:
                 break
             self._turn(runs, active, mode, temperature)
         return runs
+
+    def prefetch(self, task_ids: Sequence[str]) -> None:
+        """Start resetting ``task_ids`` on the spare pool now; the run that asks for them later swaps pools."""
+        if self.spare is not None:
+            self._prefetched = (list(task_ids), self.spare.reset_async(list(task_ids)))
+
+    def _reset(self, task_ids: list[str]):
+        if self._prefetched is not None and self._prefetched[0] == task_ids:
+            snaps = self._prefetched[1].result()  # ~0 s when the reset finished behind generation
+            self._prefetched = None
+            self.pool, self.spare = self.spare, self.pool
+            self.stats.prefetched_resets += 1
+            return snaps
+        return self.pool.reset(task_ids)
 
     def _turn(self, runs: list[EpisodeRun], active: list[int], mode: str, temperature: float) -> None:
         hier = mode == "hier"

@@ -99,11 +99,14 @@ def safetensors_views(buf: bytearray) -> dict:
 
 
 class WeightReceiver:
-    def __init__(self, backend: GenerationBackend, timeout_s: float = 300.0, curve=None):
+    def __init__(self, backend: GenerationBackend, timeout_s: float = 300.0, curve=None, link=None):
         self.backend = backend
+        self.link = link  # the LearnerLink: the nccl transport talks to the learner through it
+        self._offer_asked = 0.0
         self.timeout_s = timeout_s
         self.curve = curve
         self.held: tuple[str, int] = ("", -1)  # (learner id, version)
+        self.failed: tuple[str, int] | None = None  # the last announcement that could not be loaded
         self.last_load_seconds = 0.0
         self.failures = 0
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="weights")
@@ -121,8 +124,11 @@ class WeightReceiver:
 
     def poll(self, ann: WeightsAnnouncement | None) -> bool:
         """Start fetching ``ann`` if it is new; swap in a finished fetch. True when weights changed."""
-        if ann is not None and (ann.learner_id, ann.version) != self.held:
-            if self._job is None or (self._job[0].learner_id, self._job[0].version) != (ann.learner_id, ann.version):
+        if ann is not None and ann.transport == "nccl":
+            return self._poll_nccl(ann)
+        key = None if ann is None else (ann.learner_id, ann.version)
+        if key is not None and key != self.held and key != self.failed:  # a failed version waits for a newer one
+            if self._job is None or (self._job[0].learner_id, self._job[0].version) != key:
                 if self._job is None or self._job[1].done():
                     self._job = (ann, self._pool.submit(self._timed_prepare, ann))
         if self._job is None or not self._job[1].done():
@@ -133,18 +139,59 @@ class WeightReceiver:
             update, seconds = fut.result()
         except Exception as e:  # keep serving the old version
             self.failures += 1
+            self.failed = (ann_done.learner_id, ann_done.version)
             log.error("weights v%d not loaded, keeping v%d: %s", ann_done.version, self.held[1], e)
             return False
         t0 = time.perf_counter()
         try:
             self.backend.load_weights(update)
-        except Exception as e:  # a stalled or failed load: keep serving what we hold, retry on the next poll
+        except Exception as e:  # a stalled or failed load: keep serving what we hold until a newer version
             self.failures += 1
+            self.failed = (ann_done.learner_id, ann_done.version)
             log.error("weights v%d not loaded into the %s backend, keeping v%d: %s", ann_done.version,
                       self.backend.name, self.held[1], e)
             return False
         self.last_load_seconds = seconds + time.perf_counter() - t0
         self.held = (ann_done.learner_id, ann_done.version)
+        return True
+
+    def _poll_nccl(self, ann: WeightsAnnouncement) -> bool:
+        """nccl transport, between groups: join the offered group if needed, pull, receive the broadcast.
+
+        Synchronous on purpose: the engine receives into its live weights, so nothing may generate
+        meanwhile. Every wait has a deadline; on any failure the old version keeps serving.
+        """
+        key = (ann.learner_id, ann.version)
+        if key == self.held or self.link is None:
+            return False
+        offer = self.link.nccl_offer
+        if offer is None:
+            if time.monotonic() - self._offer_asked > 5.0:
+                self._offer_asked = time.monotonic()
+                self.link.request_nccl_offer()
+            return False
+        t0 = time.perf_counter()
+        try:
+            if offer.group_name not in getattr(self.backend, "groups", ()):
+                self.backend.init_weights_group(master_address=offer.master_address, master_port=offer.master_port,
+                                                world_size=offer.world_size, group_name=offer.group_name,
+                                                rank_offset=offer.rank_offset, backend=offer.backend,
+                                                timeout_s=offer.timeout_s)
+            push = self.link.nccl_pull(offer.group_name, ann.version, self.timeout_s)
+            if push is None or push.error:
+                raise WeightsError(f"nccl pull of v{ann.version}: {push.error if push else 'no answer'}")
+            from .sglang_backend import DistributedWeightUpdate
+
+            self.backend.load_weights(DistributedWeightUpdate(
+                push.version, group_name=offer.group_name, names=list(offer.names), dtypes=list(offer.dtypes),
+                shapes=[list(s) for s in offer.shapes], digest=push.digest))
+        except Exception as e:  # noqa: BLE001 - keep serving what we hold; a new group next time
+            self.failures += 1
+            log.error("weights v%d over nccl not loaded, keeping v%d: %s", ann.version, self.held[1], e)
+            self.link.request_nccl_offer()
+            return False
+        self.last_load_seconds = time.perf_counter() - t0
+        self.held = (ann.learner_id, push.version)
         return True
 
     def _timed_prepare(self, ann: WeightsAnnouncement):

@@ -191,7 +191,8 @@ def bench_weights(be, model_dir: Path, args, rng, work: Path) -> dict:
     from himac.actor.backend import WeightUpdate, tensors_digest
     from himac.actor.sglang_backend import DistributedWeightUpdate
     from himac.actor.weights import WeightReceiver
-    from himac.learner.nccl_sync import NcclBroadcaster, NcclPull, NcclSyncService
+    from himac.learner.nccl_sync import NcclBroadcaster, NcclSyncService, offer_engine_args
+    from himac.protocol import NcclPull
     from himac.learner.publisher import DiskPublisher, serialize
 
     prompts = [[rng.randrange(VOCAB - len(SPECIALS)) for _ in range(32)] for _ in range(8)]
@@ -233,10 +234,10 @@ def bench_weights(be, model_dir: Path, args, rng, work: Path) -> dict:
         _, digest = svc.publish(3, w1)
         t0 = time.perf_counter()
         offer = svc.offer("bench")
-        be.init_weights_group(**offer.engine_args())
+        be.init_weights_group(**offer_engine_args(offer))
         t_join = time.perf_counter() - t0
         t0 = time.perf_counter()
-        push = svc.pull(NcclPull("bench", offer.group_name, 3))
+        push = svc.pull(NcclPull(actor_id="bench", group_name=offer.group_name, version=3))
         if push.error:
             raise SystemExit(f"nccl pull refused: {push.error}")
         be.load_weights(DistributedWeightUpdate(push.version, group_name=offer.group_name, names=offer.names,

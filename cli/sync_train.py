@@ -55,6 +55,8 @@ def sync_train(cfg: RunConfig, model_path: str, quiet: bool = False, env_latency
         t0 = time.perf_counter()
         ann = publisher.publish(serialize(engine.full_state_dict()), version, phase, "sync")
         while not receiver.poll(ann):
+            if receiver.failed == (ann.learner_id, ann.version):
+                raise RuntimeError(f"weights v{version} could not be loaded (see the log)")
             time.sleep(0.001)
         return time.perf_counter() - t0
 

@@ -28,7 +28,7 @@ from .batch import build_batch
 from .checkpoint import Checkpointer
 from .engine import PolicyEngine
 from .metrics import LearnerMetrics
-from .publisher import make_publisher, serialize
+from .publisher import make_publisher
 from .schedule import phase_at
 from .server import Inbox, LearnerServer
 
@@ -104,9 +104,9 @@ def run_learner(cfg: RunConfig, model_path: str, out_dir: str, resume: bool = Fa
         server.set_state(version, phase)
         server.start()
         host = advertise_host(lc)
-        publisher = make_publisher(lc.weights_transport, str(out), model_path, lc.bind_host, host,
-                                   port=lc.weights_port, curve=curve,
+        publisher = make_publisher(lc, str(out), model_path, host, curve=curve,
                                    on_reject=lambda reason: metrics.rejected(reason, socket="weights"))
+        server.nccl = publisher if publisher.transport == "nccl" else None
         http_port = None
         if metrics_port is not None:
             from himac.protocol.observability import serve_metrics
@@ -133,7 +133,7 @@ def run_learner(cfg: RunConfig, model_path: str, out_dir: str, resume: bool = Fa
         if not rank0:
             return None
         t0 = time.perf_counter()
-        payload = serialize(sd)
+        payload = publisher.prepare(sd)
         if pending_publish is not None:
             pending_publish.result()  # keep announcements in version order
 

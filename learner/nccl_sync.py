@@ -13,7 +13,7 @@ their own times, and a collective over every actor would make them wait for each
 actor breaks only its own group. The learner hosts one TCPStore on one port; groups are told apart by
 their name (the PrefixStore), so only that port and NCCL's own need to be reachable.
 
-Handshake (messages defined here until the protocol carries them, TODO(core)):
+Handshake (NcclOffer / NcclPull / NcclPush in protocol/messages.py):
   1. actor -> learner Hello with capabilities ``transport:nccl`` and ``nccl_ranks:<tp_size>``;
   2. learner -> actor ``NcclOffer`` (group name, rendezvous address/port, world size, rank offset,
      backend, timeout, and the manifest: names, dtypes, shapes); the learner starts
@@ -37,11 +37,13 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 import torch
 import torch.distributed as dist
+
+from himac.protocol import NcclOffer, NcclPull, NcclPush
 
 log = logging.getLogger(__name__)
 
@@ -108,55 +110,12 @@ class Manifest:
 
 
 # --------------------------------------------------------------------------- handshake messages
-# TODO(core): move into protocol/messages.py as msgspec Structs (tags "nccl_offer", "nccl_pull",
-# "nccl_push"); plain dataclasses here so both sides can use them now.
-@dataclass
-class NcclOffer:
-    """learner -> actor: join this group, then expect tensors of this manifest."""
-
-    group_name: str
-    master_address: str
-    master_port: int
-    world_size: int  # 1 (learner) + the engine's TP ranks
-    rank_offset: int = 1
-    backend: str = "nccl"
-    timeout_s: float = 120.0
-    names: list[str] = field(default_factory=list)
-    dtypes: list[str] = field(default_factory=list)
-    shapes: list[list[int]] = field(default_factory=list)
-    manifest_sha256: str = ""
-
-    def engine_args(self) -> dict[str, Any]:
-        """Keyword arguments of ``SGLangBackend.init_weights_group``."""
-        return {"master_address": self.master_address, "master_port": self.master_port,
-                "world_size": self.world_size, "group_name": self.group_name, "rank_offset": self.rank_offset,
-                "backend": self.backend, "timeout_s": self.timeout_s}
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "NcclOffer":
-        return cls(**dict(d))
-
-
-@dataclass
-class NcclPull:
-    """actor -> learner: I am between groups and ready to receive ``version`` (or newer) now."""
-
-    actor_id: str
-    group_name: str
-    version: int
-
-
-@dataclass
-class NcclPush:
-    """learner -> actor: broadcasting ``version`` now (``error`` empty), or not (``error`` says why)."""
-
-    group_name: str
-    version: int
-    digest: str = ""  # tensors_digest of the state dict sent, tied names included (the learner's weights digest)
-    error: str = ""
+# NcclOffer / NcclPull / NcclPush are part of the wire contract (protocol/messages.py).
+def offer_engine_args(offer: NcclOffer) -> dict[str, Any]:
+    """Keyword arguments of ``SGLangBackend.init_weights_group`` for an offer."""
+    return {"master_address": offer.master_address, "master_port": offer.master_port,
+            "world_size": offer.world_size, "group_name": offer.group_name, "rank_offset": offer.rank_offset,
+            "backend": offer.backend, "timeout_s": offer.timeout_s}
 
 
 # --------------------------------------------------------------------------- process groups
@@ -381,16 +340,17 @@ class NcclSyncService:
         """Answer an actor's pull and queue the broadcast of the newest version (>= the one asked)."""
         with self._lock:
             if not self._snapshots:
-                return NcclPush(req.group_name, req.version, error="nothing published yet")
+                return NcclPush(group_name=req.group_name, version=req.version, error="nothing published yet")
             version = next(reversed(self._snapshots))
             snapshot = self._snapshots[version]  # the job holds it: eviction cannot pull it away
             known = req.group_name in self._offered
         if version < req.version:
-            return NcclPush(req.group_name, version, error=f"v{req.version} not published yet")
+            return NcclPush(group_name=req.group_name, version=version, error=f"v{req.version} not published yet")
         if not known:
-            return NcclPush(req.group_name, version, error=f"no weight group {req.group_name!r}: ask for a new offer")
+            return NcclPush(group_name=req.group_name, version=version,
+                            error=f"no weight group {req.group_name!r}: ask for a new offer")
         self._submit(("broadcast", req.group_name, version, snapshot))
-        return NcclPush(req.group_name, version, digest=snapshot[2])
+        return NcclPush(group_name=req.group_name, version=version, digest=snapshot[2])
 
     def _submit(self, job) -> None:
         with self._cv:
@@ -426,6 +386,41 @@ class NcclSyncService:
             self._cv.notify()
         self._thread.join(timeout=5)
         self.b.close()
+
+
+class NcclPublisher:
+    """The ``nccl`` weight transport, with the publishers' interface (``prepare`` / ``publish``) plus the
+    learner server's two hooks (``offer`` on an actor's hello, ``pull`` on its NcclPull)."""
+
+    transport = "nccl"
+
+    def __init__(self, advertise_host: str, port: int = 0, backend: str = "nccl", device: str | None = None,
+                 timeout_s: float = 120.0, dtype: str = "bfloat16", skip: Iterable[str] = ()):
+        self.service = NcclSyncService(NcclBroadcaster(advertise_host, port, backend=backend, device=device,
+                                                       timeout_s=timeout_s, dtype=dtype), skip=skip)
+        self.location = f"nccl://{advertise_host}:{self.service.b.port}"
+
+    def prepare(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The snapshot this version broadcasts (clones: training goes on meanwhile)."""
+        return {k: v.detach().clone() for k, v in state_dict.items()}
+
+    def publish(self, snapshot: Mapping[str, torch.Tensor], version: int, phase: str, learner_id: str):
+        from himac.protocol import WeightsAnnouncement
+
+        manifest, digest = self.service.publish(version, snapshot)
+        # for nccl, size is the bytes broadcast and sha256 the learner's weights digest of what is sent
+        return WeightsAnnouncement(version=version, phase=phase, learner_id=learner_id, transport="nccl",
+                                   location=self.location, size=manifest.nbytes, sha256=digest,
+                                   created_at=time.time())
+
+    def offer(self, actor_id: str, engine_ranks: int = 1) -> NcclOffer:
+        return self.service.offer(actor_id, engine_ranks)
+
+    def pull(self, req: NcclPull) -> NcclPush:
+        return self.service.pull(req)
+
+    def close(self) -> None:
+        self.service.close()
 
 
 def content_digest(state_dict: Mapping[str, torch.Tensor]) -> str:

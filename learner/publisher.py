@@ -71,7 +71,13 @@ def serialize(state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None = N
     return out
 
 
-class DiskPublisher:
+class _BytesPublisher:
+    def prepare(self, state_dict: dict[str, torch.Tensor]) -> bytearray:
+        """The payload of this version, serialised now: it is the snapshot (training goes on meanwhile)."""
+        return serialize(state_dict)
+
+
+class DiskPublisher(_BytesPublisher):
     transport = "disk"
 
     def __init__(self, directory: str | os.PathLike, model_dir: str, keep: int = 3):
@@ -100,16 +106,18 @@ class DiskPublisher:
                                    sha256=hashlib.sha256(payload).hexdigest(), created_at=time.time())
 
     def _prune(self, newest: int) -> None:
-        # keep a few old versions: an actor may still be reading one
-        versions = sorted(p for p in self.dir.glob("v*") if p.is_dir())
-        for p in versions[:-self.keep]:
+        # keep a few versions up to this one (an actor may still be reading one); anything numbered
+        # above it is from another timeline (an earlier run in this folder, or steps a resume redoes)
+        versions = sorted(p for p in self.dir.glob("v*") if p.is_dir() and p.name[1:].isdigit())
+        older = [p for p in versions if int(p.name[1:]) <= newest]
+        for p in older[:-self.keep] + [p for p in versions if int(p.name[1:]) > newest]:
             shutil.rmtree(p, ignore_errors=True)
 
     def close(self) -> None:
         pass
 
 
-class ZmqPublisher:
+class ZmqPublisher(_BytesPublisher):
     """Serves the latest payloads over a ROUTER: actors ask for byte ranges (FetchWeights)."""
 
     transport = "zmq"
@@ -185,10 +193,26 @@ class ZmqPublisher:
         self._sock.close(0)
 
 
-def make_publisher(transport: str, run_dir: str, model_dir: str, bind_host: str, advertise_host: str,
-                   port: int = 0, curve=None, on_reject=None):
-    if transport == "disk":
+def make_publisher(cfg, run_dir: str, model_dir: str, advertise_host: str, curve=None, on_reject=None):
+    """The weight transport of ``learner.weights_transport`` (``cfg``: the LearnerConfig)."""
+    if cfg.weights_transport == "disk":
         return DiskPublisher(Path(run_dir) / "weights", model_dir)
-    if transport == "zmq":
-        return ZmqPublisher(bind_host, port, advertise_host, curve=curve, on_reject=on_reject)
-    raise ValueError(f"learner.weights_transport: unknown transport {transport!r}")
+    if cfg.weights_transport == "zmq":
+        return ZmqPublisher(cfg.bind_host, cfg.weights_port, advertise_host, curve=curve, on_reject=on_reject)
+    if cfg.weights_transport == "nccl":
+        from .nccl_sync import NcclPublisher
+
+        tied = _tied_aliases(model_dir)
+        return NcclPublisher(advertise_host, cfg.nccl_port, backend=cfg.nccl_backend,
+                             device="cuda" if cfg.nccl_backend == "nccl" else "cpu", timeout_s=cfg.nccl_timeout_s,
+                             dtype=cfg.nccl_dtype, skip=tied)
+    raise ValueError(f"learner.weights_transport: unknown transport {cfg.weights_transport!r}")
+
+
+def _tied_aliases(model_dir: str) -> list[str]:
+    """Names a tied model does not need sent (SGLang ties them itself)."""
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return ["lm_head.weight"] if cfg.get("tie_word_embeddings") else []

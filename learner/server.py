@@ -25,8 +25,8 @@ from pathlib import Path
 import zmq
 
 from himac.protocol import (
-    Ack, Credit, Heartbeat, Hello, Rejected, Status, TrajectoryGroup, WeightsAnnouncement, Welcome, decode, encode,
-    validate_group,
+    Ack, Credit, Heartbeat, Hello, NcclPull, NcclPush, Rejected, Status, TrajectoryGroup, WeightsAnnouncement,
+    Welcome, decode, encode, validate_group,
 )
 from himac.protocol.config import LearnerConfig
 
@@ -82,6 +82,7 @@ class LearnerServer:
         self._ledger = open(ledger, "a", buffering=1) if ledger else None
         self.seen = seen  # every group id accepted, consumed or dropped: never accepted twice
         self.curve = curve
+        self.nccl = None  # the nccl weight transport (learner/nccl_sync.NcclPublisher), when chosen
         self._cv = threading.Condition()
         self.version = 0
         self.phase = "flat"
@@ -269,6 +270,8 @@ class LearnerServer:
                                   weights=self.announcement, learner_version=self.version, phase=self.phase)
             log.info("actor %s (incarnation %s) joined", msg.actor_id, msg.incarnation)
             self._send(ident, welcome)
+            if self.nccl is not None and "transport:nccl" in msg.capabilities:
+                self._offer_nccl(ident, msg)
         elif isinstance(msg, Heartbeat):
             with self._cv:
                 st = self.actors.get(ident)
@@ -277,8 +280,20 @@ class LearnerServer:
                 status = Status(learner_id=self.learner_id if st is not None else "", learner_version=self.version,
                                 phase=self.phase, credits=st.window if st is not None else 0)
             self._send(ident, status)  # an unknown actor gets an empty learner id: it says hello again
+        elif isinstance(msg, NcclPull):
+            reply = (self.nccl.pull(msg) if self.nccl is not None else
+                     NcclPush(group_name=msg.group_name, version=msg.version, error="the learner has no nccl transport"))
+            self._send(ident, reply)
         else:
             self.metrics.rejected("unexpected")
+
+    def _offer_nccl(self, ident: bytes, hello: Hello) -> None:
+        """A weight-update group for this actor's engine; it joins on receipt, we join on a worker thread."""
+        ranks = next((int(c.split(":", 1)[1]) for c in hello.capabilities if c.startswith("nccl_ranks:")), 1)
+        try:
+            self._send(ident, self.nccl.offer(hello.actor_id, ranks))
+        except Exception as e:  # noqa: BLE001 - e.g. nothing published yet: the actor asks again with a hello
+            log.warning("no nccl offer for %s yet: %s", hello.actor_id, e)
 
     def _on_group(self, ident: bytes, g: TrajectoryGroup, frame) -> None:
         def ack(status: str, reason: str = "") -> None:

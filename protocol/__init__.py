@@ -5,6 +5,6 @@ transformers or deepspeed.
 """
 from .messages import (  # noqa: F401
     LEVEL_CONTEXT, LEVEL_EXECUTOR, LEVEL_PLANNER, PROTOCOL_VERSION, Ack, Credit, Episode, FetchWeights,
-    Heartbeat, Hello, Message, Rejected, Status, TrajectoryGroup, WeightsAnnouncement, WeightsChunk,
-    Welcome, decode, encode, validate_group,
+    Heartbeat, Hello, Message, NcclOffer, NcclPull, NcclPush, Rejected, Status, TrajectoryGroup,
+    WeightsAnnouncement, WeightsChunk, Welcome, decode, encode, validate_group,
 )

@@ -40,6 +40,7 @@ class SokobanConfig(_Section):
     # keep only rooms whose shortest solution takes at most this many moves (0 = no cap): a
     # difficulty knob, and with max_steps it drops rooms that cannot be won in time
     max_solution_steps: NonNegInt = 0
+    min_solution_steps: NonNegInt = 0  # and at least this many (0 = no floor)
     test_seed: int = 20_261_125
 
 
@@ -77,6 +78,12 @@ class EnvConfig(_Section):
     split: str = "train"
     # episodes of a group step in this many subprocesses (0 = in the actor process)
     workers: NonNegInt = 0
+    # with workers: reset the next group's envs on a second pool while this group generates
+    # (ALFWorld resets take 0.7-2.5 s); costs a second set of envs
+    prefetch_reset: bool = True
+    # simulated latency added to every reset / step (benchmarks: the cost of slow envs, bench/async_vs_sync.py)
+    reset_latency_s: NonNegFloat = 0.0
+    step_latency_s: NonNegFloat = 0.0
     sokoban: SokobanConfig = msgspec.field(default_factory=SokobanConfig)
     alfworld: AlfworldConfig = msgspec.field(default_factory=AlfworldConfig)
     webshop: WebshopConfig = msgspec.field(default_factory=WebshopConfig)
@@ -168,7 +175,13 @@ class LearnerConfig(_Section):
     checkpoint_every: NonNegInt = 10  # learner steps; 0 = only at the end
     keep_checkpoints: PosInt = 2
     save_model_every: NonNegInt = 0  # save_pretrained every N steps; 0 = only at the end
-    weights_transport: Literal["disk", "zmq"] = "disk"
+    # how weights reach the actors: "disk" (shared volume), "zmq" (bytes over a socket: containers with
+    # no shared volume), "nccl" (broadcast into SGLang engines; GPU actors, trusted network)
+    weights_transport: Literal["disk", "zmq", "nccl"] = "disk"
+    nccl_port: Port = 0  # the rendezvous (TCPStore) port of the nccl transport; 0 = any free port
+    nccl_backend: Literal["nccl", "gloo"] = "nccl"
+    nccl_dtype: str = "bfloat16"  # what the broadcast carries
+    nccl_timeout_s: PosFloat = 120.0
     max_message_bytes: PosInt = 256 * 1024 * 1024
     heartbeat_timeout_s: PosFloat = 30.0  # an actor silent this long no longer counts as connected
     # after the last step: "exit", or "serve" the final weights (and metrics) until stopped, for

@@ -174,9 +174,46 @@ class WeightsChunk(_Msg, tag="weights_chunk"):
     error: str = ""
 
 
+class NcclOffer(_Msg, tag="nccl_offer"):
+    """learner -> actor (nccl transport): join this weight-update group, then expect this manifest.
+
+    The actor's engine joins at ``tcp://master_address:master_port`` as ranks ``rank_offset..``;
+    the learner is rank 0. One group per actor, so actors never wait for each other.
+    """
+
+    group_name: str
+    master_address: str
+    master_port: int
+    world_size: int  # 1 (the learner) + the engine's tensor-parallel ranks
+    rank_offset: int = 1
+    backend: str = "nccl"
+    timeout_s: float = 120.0
+    names: list[str] = []  # the manifest: tensors in broadcast order
+    dtypes: list[str] = []
+    shapes: list[list[int]] = []
+    manifest_sha256: str = ""
+
+
+class NcclPull(_Msg, tag="nccl_pull"):
+    """actor -> learner: between my groups, ready to receive ``version`` (or newer) now."""
+
+    actor_id: str
+    group_name: str
+    version: int
+
+
+class NcclPush(_Msg, tag="nccl_push"):
+    """learner -> actor: broadcasting ``version`` now (``error`` empty), or not (``error`` says why)."""
+
+    group_name: str
+    version: int
+    digest: str = ""  # the learner's weights digest of what it sends
+    error: str = ""
+
+
 Message = Union[
     TrajectoryGroup, Hello, Heartbeat, WeightsAnnouncement, Welcome, Status, Ack, Credit,
-    FetchWeights, WeightsChunk,
+    FetchWeights, WeightsChunk, NcclOffer, NcclPull, NcclPush,
 ]
 
 

@@ -142,3 +142,33 @@ def test_the_planner_is_primed_with_the_plan_prefix(tiny_tokenizer):
     (run,) = ro.run([TASK], "hier", temperature=1.0)
     assert backend.prompts[0].rstrip().endswith(P.PLAN_PREFIX)
     assert run.blueprint == ["go"]
+
+
+def test_the_next_groups_reset_overlaps_this_groups_generation(tiny_tokenizer):
+    """With env workers and a spare pool, the next run's envs reset in the background: its wait is ~0."""
+    import time
+
+    from himac.actor.envs.pool import EnvPool
+    from himac.protocol.config import load_config
+
+    cfg = load_config(overrides={"env.workers": 1, "env.reset_latency_s": 0.4})
+
+    def script(prompt, i):
+        time.sleep(0.05)  # "generation" takes a while: 15 turns x 0.05 s > the 0.4 s reset
+        return "<action>up</action>"
+
+    ro, _ = make_rollout(tiny_tokenizer, script)
+    ro.pool.close()
+    ro.pool, ro.spare = EnvPool(cfg.env, 2), EnvPool(cfg.env, 2)
+    try:
+        ro.run([TASK, TASK], "flat", temperature=1.0, prefetch_next=[TASK + "1", TASK + "1"])
+        first_wait = ro.stats.reset_seconds
+        runs = ro.run([TASK + "1", TASK + "1"], "flat", temperature=1.0)
+        assert ro.stats.prefetched_resets == 1
+        assert first_wait >= 0.4 and ro.stats.reset_seconds - first_wait < 0.2
+        assert [r.task_id for r in runs] == [TASK + "1"] * 2 and runs[0].steps > 0
+        ro.run([TASK, TASK], "flat", temperature=1.0)  # nothing prefetched for this one: a plain reset
+        assert ro.stats.prefetched_resets == 1
+    finally:
+        ro.pool.close()
+        ro.spare.close()

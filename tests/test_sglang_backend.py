@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 import torch
 
@@ -433,7 +434,8 @@ def test_close_shuts_down_only_an_engine_it_started(model_dir, tok):
 
 # --------------------------------------------------------------------------- weights: distributed (actor side)
 def test_distributed_update_calls(model_dir, tok):
-    from himac.learner.nccl_sync import Manifest, NcclOffer
+    from himac.learner.nccl_sync import Manifest, offer_engine_args
+    from himac.protocol import NcclOffer
 
     be, eng = make(model_dir, tok)
     sd = _state(model_dir, 2.0)
@@ -442,7 +444,7 @@ def test_distributed_update_calls(model_dir, tok):
                       **m.engine_args())
     with pytest.raises(WeightLoadError, match="never joined"):
         be.load_weights(DistributedWeightUpdate(7, group_name=offer.group_name, **m.engine_args()))
-    be.init_weights_group(**offer.engine_args())
+    be.init_weights_group(**offer_engine_args(offer))
     assert eng.calls[-1] == ("init_weights_update_group", {
         "master_address": "10.0.0.5", "master_port": 29700, "rank_offset": 1, "world_size": 2,
         "group_name": "himac-w-a0-1", "backend": "nccl"})
@@ -493,7 +495,7 @@ if mode in ("receive", "late"):
 def _engine_rank(tmp_path, offer, mode):
     script = tmp_path / "engine_rank.py"
     script.write_text(ENGINE_RANK)
-    return subprocess.Popen([sys.executable, str(script), json.dumps(offer.to_dict()), mode, str(tmp_path / "got.pt")],
+    return subprocess.Popen([sys.executable, str(script), msgspec.json.encode(offer).decode(), mode, str(tmp_path / "got.pt")],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -558,11 +560,12 @@ def test_connect_without_an_engine_times_out(model_dir):
 
 def test_sync_service_pull_push(model_dir, tmp_path):
     """The handshake end to end: offer -> both join; pull -> push names the version -> broadcast."""
-    from himac.learner.nccl_sync import NcclBroadcaster, NcclPull, NcclSyncService, content_digest
+    from himac.learner.nccl_sync import NcclBroadcaster, NcclSyncService, content_digest
+    from himac.protocol import NcclPull
 
     svc = NcclSyncService(NcclBroadcaster(backend="gloo", timeout_s=60), keep=2, skip=["lm_head.weight"])
     try:
-        assert svc.pull(NcclPull("a3", "g", 0)).error == "nothing published yet"
+        assert svc.pull(NcclPull(actor_id="a3", group_name="g", version=0)).error == "nothing published yet"
         sd1 = _with_tied(_state(model_dir, 1.0))
         sd2 = {k: v.clone() for k, v in _with_tied(_state(model_dir, 2.0)).items()}
         svc.publish(1, sd1)
@@ -570,9 +573,9 @@ def test_sync_service_pull_push(model_dir, tmp_path):
         assert "lm_head.weight" not in m2.names and d2 == content_digest(sd2) == tensors_digest(sd2)
         offer = svc.offer("a3")
         proc = _engine_rank(tmp_path, offer, "receive")
-        assert svc.pull(NcclPull("a3", "nope", 2)).error.startswith("no weight group")
-        assert svc.pull(NcclPull("a3", offer.group_name, 3)).error == "v3 not published yet"
-        push = svc.pull(NcclPull("a3", offer.group_name, 1))  # asks for >= 1: gets the newest
+        assert svc.pull(NcclPull(actor_id="a3", group_name="nope", version=2)).error.startswith("no weight group")
+        assert svc.pull(NcclPull(actor_id="a3", group_name=offer.group_name, version=3)).error == "v3 not published yet"
+        push = svc.pull(NcclPull(actor_id="a3", group_name=offer.group_name, version=1))  # asks for >= 1: gets the newest
         assert push.error == "" and push.version == 2 and push.digest == d2
         assert proc.wait(60) == 0, proc.stderr.read()[-2000:]
         got = torch.load(tmp_path / "got.pt")

@@ -149,7 +149,7 @@ def test_task_id_names_the_room_whatever_the_config():
     tid = "sokoban/7x7b2d20/train/99"
     env = SokobanEnv(SokobanConfig(dim=6, boxes=1))  # another config in this process
     obs = env.reset(tid)
-    assert parse_task_id(tid) == (7, 2, 20, "train", 99, 0)
+    assert parse_task_id(tid) == (7, 2, 20, "train", 99, 0, 0)
     assert obs.text == generate_room(7, 2, 20, 99).render()
     assert len(obs.text.splitlines()) == 7 and obs.text.count("X") + obs.text.count("√") == 2
     assert env.task_type() == "7x7b2"
@@ -212,3 +212,8 @@ def test_solution_cap_keeps_only_short_rooms_and_round_trips():
         assert len(solve(env.current_room())) <= 3
     assert parse_task_id(ids[0])[5] == 3
     assert env.task_ids("test")[0].startswith("sokoban/6x6b1d30m3/test/")
+    band = SokobanEnv(SokobanConfig(min_solution_steps=4, max_solution_steps=5, train_size=5))
+    for tid in band.task_ids("train"):
+        band.reset(tid)
+        assert 4 <= len(solve(band.current_room())) <= 5
+        assert parse_task_id(tid)[5:] == (5, 4)

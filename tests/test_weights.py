@@ -48,6 +48,9 @@ def test_disk_transport_verifies_size_and_sha(tmp_path):
     for v in range(4, 8):  # old versions are pruned, a few kept for slow readers
         pub.publish(serialize(state(v)), v, "micro", "L")
     assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["v000005", "v000006", "v000007"]
+    # a new run (or a resume) in the same folder: versions above the one published are another timeline
+    pub.publish(serialize(state()), 0, "micro", "L2")
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["v000000"]
 
 
 def test_zmq_transport_and_a_stall_that_times_out():

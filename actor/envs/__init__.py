@@ -32,7 +32,12 @@ def env_section(cfg: EnvConfig):
 
 def make_env(cfg: EnvConfig) -> Env:
     """Build the environment named by ``cfg.name``; heavy packages import only when chosen."""
-    return env_class(cfg.name)(env_section(cfg))
+    env = env_class(cfg.name)(env_section(cfg))
+    if cfg.reset_latency_s or cfg.step_latency_s:
+        from .base import SlowEnv
+
+        env = SlowEnv(env, cfg.reset_latency_s, cfg.step_latency_s)
+    return env
 
 
 __all__ = ["Env", "Observation", "StepResult", "make_env", "env_class", "env_section", "ENV_NAMES"]

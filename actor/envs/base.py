@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import random
+import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
@@ -77,3 +78,41 @@ class Env(abc.ABC):
 
     def close(self) -> None:
         pass
+
+
+class SlowEnv(Env):
+    """An env with a fixed latency added to every reset and step (benchmarks: the cost of slow envs)."""
+
+    def __init__(self, env: Env, reset_latency_s: float, step_latency_s: float):
+        self.env, self.reset_latency_s, self.step_latency_s = env, reset_latency_s, step_latency_s
+        self.name, self.role, self.guide = env.name, env.role, env.guide
+        self.step_cost, self.max_steps = env.step_cost, env.max_steps
+
+    def splits(self) -> list[str]:
+        return self.env.splits()
+
+    def task_ids(self, split: str) -> Sequence[str]:
+        return self.env.task_ids(split)
+
+    def sample_task(self, split: str, rng: random.Random) -> str:
+        return self.env.sample_task(split, rng)
+
+    def reset(self, task_id: str) -> Observation:
+        time.sleep(self.reset_latency_s)
+        return self.env.reset(task_id)
+
+    def step(self, action: str) -> StepResult:
+        time.sleep(self.step_latency_s)
+        return self.env.step(action)
+
+    def instruction(self) -> str:
+        return self.env.instruction()
+
+    def task_type(self) -> str:
+        return self.env.task_type()
+
+    def state_key(self) -> str:
+        return self.env.state_key()
+
+    def close(self) -> None:
+        self.env.close()

@@ -36,7 +36,7 @@ WALL, FLOOR, TARGET, BOX, BOX_ON_TARGET_CH, PLAYER, PLAYER_ON_TARGET = "#", "_",
 CELL_SEP = " "  # one token per cell for a BPE tokenizer; "#####" would merge unpredictably
 
 SEED_SPACE = 2**31  # train/test seeds live in [0, SEED_SPACE)
-_TASK_RE = re.compile(r"^sokoban/(\d+)x(\d+)b(\d+)d(\d+)(?:m(\d+))?/(\w+)/(\d+)$")
+_TASK_RE = re.compile(r"^sokoban/(\d+)x(\d+)b(\d+)d(\d+)(?:n(\d+))?(?:m(\d+))?/(\w+)/(\d+)$")
 
 # gym-sokoban's random-walk masks: floor cells carved around the walker at each step
 _MASKS = (
@@ -229,14 +229,15 @@ def _reverse_play(dim: int, floor: set[int], targets: list[int], player: int, se
 
 
 @lru_cache(maxsize=1024)
-def generate_room(dim: int, boxes: int, search_depth: int, seed: int, max_solution: int = 0) -> Room:
+def generate_room(dim: int, boxes: int, search_depth: int, seed: int, max_solution: int = 0,
+                  min_solution: int = 0) -> Room:
     """The room of (params, seed): deterministic, solvable, never already solved. Cached (LRU).
 
-    ``max_solution`` > 0 also rejects rooms whose shortest solution is longer (BFS): a difficulty
-    cap, and the way to keep only rooms that can be won within the step limit.
+    ``max_solution`` / ``min_solution`` > 0 also reject rooms whose shortest solution (BFS) is
+    longer / shorter: a difficulty band, and the way to keep only rooms that can be won in time.
     """
     rng = random.Random(_mixed_seed(dim, boxes, search_depth, seed))
-    tries = _MAX_TRIES * (20 if max_solution else 1)
+    tries = _MAX_TRIES * (20 if max_solution or min_solution else 1)
     walls = frozenset(range(dim * dim))
     for _ in range(tries):  # rejected rooms retry on the same RNG stream: still deterministic
         floor = _carve_floor(dim, rng)
@@ -249,29 +250,33 @@ def generate_room(dim: int, boxes: int, search_depth: int, seed: int, max_soluti
             continue
         player, box_cells = scattered
         room = Room(dim, dim, walls - floor, frozenset(targets), box_cells, player)
-        if max_solution and solve(room, max_depth=max_solution) is None:
-            continue
+        if max_solution or min_solution:
+            plan = solve(room, max_depth=max_solution or 100)
+            if plan is None or len(plan) < min_solution:
+                continue
         return room
     raise RuntimeError(f"sokoban: no room with {boxes} box(es) in {dim}x{dim} after {tries} tries "
-                       f"(seed {seed}, max solution {max_solution}); use a larger dim, fewer boxes or a looser cap")
+                       f"(seed {seed}, solution length {min_solution}..{max_solution}); use a larger dim, fewer boxes or a looser "
+                       f"band")
 
 
 # --------------------------------------------------------------------------- splits
-def make_task_id(dim: int, boxes: int, search_depth: int, split: str, seed: int, max_solution: int = 0) -> str:
-    cap = f"m{max_solution}" if max_solution else ""
-    return f"sokoban/{dim}x{dim}b{boxes}d{search_depth}{cap}/{split}/{seed}"
+def make_task_id(dim: int, boxes: int, search_depth: int, split: str, seed: int, max_solution: int = 0,
+                 min_solution: int = 0) -> str:
+    band = (f"n{min_solution}" if min_solution else "") + (f"m{max_solution}" if max_solution else "")
+    return f"sokoban/{dim}x{dim}b{boxes}d{search_depth}{band}/{split}/{seed}"
 
 
-def parse_task_id(tid: str) -> tuple[int, int, int, str, int, int]:
-    """``sokoban/6x6b1d30[m4]/train/123`` -> (dim, boxes, search_depth, split, seed, max_solution)."""
+def parse_task_id(tid: str) -> tuple[int, int, int, str, int, int, int]:
+    """``sokoban/6x6b1d30[n3][m5]/train/123`` -> (dim, boxes, depth, split, seed, max_solution, min_solution)."""
     m = _TASK_RE.match(tid)
     if not m or m.group(1) != m.group(2):
         raise ValueError(f"sokoban: bad task id {tid!r}; expected "
-                         "sokoban/<dim>x<dim>b<boxes>d<depth>[m<max solution>]/<split>/<seed>")
-    dim, _, boxes, depth, cap, split, seed = m.groups()
+                         "sokoban/<dim>x<dim>b<boxes>d<depth>[n<min solution>][m<max solution>]/<split>/<seed>")
+    dim, _, boxes, depth, low, cap, split, seed = m.groups()
     if split not in ("train", "test"):
         raise ValueError(f"sokoban: bad split {split!r} in task id {tid!r}")
-    return int(dim), int(boxes), int(depth), split, int(seed), int(cap or 0)
+    return int(dim), int(boxes), int(depth), split, int(seed), int(cap or 0), int(low or 0)
 
 
 @lru_cache(maxsize=8)
@@ -323,7 +328,7 @@ class SokobanEnv(Env):
         self.cfg = cfg or SokobanConfig()
         self.max_steps = self.cfg.max_steps
         self._prefix = make_task_id(self.cfg.dim, self.cfg.boxes, self.cfg.search_depth, "", 0,
-                                    self.cfg.max_solution_steps).rsplit("/", 2)[0] + "/"
+                                    self.cfg.max_solution_steps, self.cfg.min_solution_steps).rsplit("/", 2)[0] + "/"
         self.room: Room | None = None
         self.task: str = ""
         self._deltas: dict[str, int] = {}
@@ -359,8 +364,8 @@ class SokobanEnv(Env):
 
     # ------------------------------------------------------------------ episode
     def reset(self, task_id: str) -> Observation:
-        dim, boxes, depth, _, seed, cap = parse_task_id(task_id)
-        self.load_room(generate_room(dim, boxes, depth, seed, cap), task=task_id)
+        dim, boxes, depth, _, seed, cap, low = parse_task_id(task_id)
+        self.load_room(generate_room(dim, boxes, depth, seed, cap, low), task=task_id)
         return self._observation()
 
     def load_room(self, room: Room, task: str) -> Observation:
