@@ -197,7 +197,7 @@ class LearnerLink:
                                                         capabilities=self.capabilities,
                                                         held_version=self.held_version,
                                                         host=os.uname().nodename, pid=os.getpid())))
-                    last_hello, backoff = now, min(backoff * 2, self.reconnect_max_s, 2.0)  # hello is tiny: retry often
+                    last_hello, backoff = now, min(backoff * 2, self.reconnect_max_s)
                 if self.connected and now - last_hb > self.heartbeat_s:
                     self._try_send(dealer, encode(Heartbeat(actor_id=self.actor_id, incarnation=self.incarnation,
                                                             held_version=self.held_version,

@@ -115,11 +115,16 @@ def run_actor(cfg: RunConfig, actor_id: str, model_path: str, work_dir: str, lea
                                                 "groups": groups, "unacked": link.unacked()})
             if receiver.held[1] < 0 or not getattr(backend, "healthy", True):
                 # never generate with weights the learner did not announce, nor with half-loaded ones
+                t_wait = time.perf_counter()
                 receiver.wait(1.0)
                 link.wait_connected(0.5)
+                metrics.weights_wait_seconds.inc(time.perf_counter() - t_wait)
                 continue
             # 3. credit
-            if not link.wait_window(timeout=0.5):
+            t_wait = time.perf_counter()
+            has_credit = link.wait_window(timeout=0.5)
+            metrics.credit_wait_seconds.inc(time.perf_counter() - t_wait)
+            if not has_credit:
                 continue
             # 4. one group
             phase = link.phase
@@ -139,6 +144,7 @@ def run_actor(cfg: RunConfig, actor_id: str, model_path: str, work_dir: str, lea
                 episodes=episodes, created_at=time.time(), gen_seconds=rollout.stats.gen_seconds - gen0,
                 env_seconds=rollout.stats.env_seconds - env0)
             link.send_group(group)
+            metrics.group_seconds.observe(time.perf_counter() - t0)
             seq += 1
             groups += 1
             _record(metrics, collected, group)

@@ -43,6 +43,9 @@ class ActorMetrics:
         self.policy_lag = gauge("policy_lag", "Learner version minus held version")
         self.unacked = gauge("unacked_groups", "Groups sent but not yet acknowledged")
         self.weight_load_failures = counter("weight_load_failures", "Weight transfers that failed or stalled").labels(**a)
+        self.credit_wait_seconds = counter("credit_wait_seconds", "Seconds waiting for credit (learner behind)").labels(**a)
+        self.weights_wait_seconds = counter("weights_wait_seconds", "Seconds waiting for usable weights").labels(**a)
+        self.group_seconds = hist("group_seconds", "Seconds per group: collect, pack and hand to the link")
         Info("himac_actor", "Actor build facts", registry=r).info({"actor": actor_id, "generation_backend": backend,
                                                                    "env": env})
         self._a = a

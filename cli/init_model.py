@@ -154,7 +154,7 @@ def warm_up(model, tokenizer, examples: dict[str, list[tuple[str, str]]], steps:
 
 
 def init_model(out: str, cfg: RunConfig, hidden: int = 128, layers: int = 2, heads: int = 4, kv_heads: int = 2,
-               vocab_size: int = 1024, warmup_steps: int = 200, warmup_episodes: int = 200, seed: int = 0) -> Path:
+               vocab_size: int = 1024, warmup_steps: int = 150, warmup_episodes: int = 200, seed: int = 0) -> Path:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 

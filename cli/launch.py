@@ -43,20 +43,41 @@ def role_cmd(role: str, config: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "himac.cli.main", role, "--config", str(config), *extra]
 
 
+def ensure_model(cfg: RunConfig, out: Path) -> str:
+    """``cfg.model``, or the tiny model in OUT/init-model (built on first use)."""
+    model = cfg.model or str(out / "init-model")
+    if not cfg.model and not (Path(model) / "config.json").exists():
+        from .init_model import init_model
+
+        print(f"building a tiny model for {cfg.env.name} into {model} ...", flush=True)
+        init_model(model, cfg)
+    return model
+
+
+def train_sync(cfg: RunConfig, quiet: bool = False) -> int:
+    """``himac train --sync``: the lockstep baseline in this process (cli/sync_train.py)."""
+    from .sync_train import sync_train
+
+    out = Path(cfg.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    model = ensure_model(cfg, out)
+    run_cfg = msgspec.structs.replace(cfg, out=str(out), model=str(Path(model).resolve()))
+    (out / "config.yaml").write_bytes(dump_config(run_cfg))
+    rows = sync_train(run_cfg, run_cfg.model, quiet=quiet)
+    summary = summarise(rows, time.time() - t0)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(format_summary(summary, out))
+    return 0
+
+
 def train(cfg: RunConfig, metrics_port: int | None = None, quiet: bool = False, resume: bool = False) -> int:
     from tqdm import tqdm
 
     out = Path(cfg.out).resolve()
     (out / "logs").mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    model = cfg.model
-    if not model:
-        model = str(out / "init-model")
-        if not (Path(model) / "config.json").exists():
-            from .init_model import init_model
-
-            print(f"building a tiny model for {cfg.env.name} into {model} ...", flush=True)
-            init_model(model, cfg)
+    model = ensure_model(cfg, out)
     port, pub_port = free_port(), free_port()
     run_cfg = msgspec.structs.replace(
         cfg, out=str(out), model=str(Path(model).resolve()),

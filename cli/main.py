@@ -61,8 +61,10 @@ def _model_path(cfg: RunConfig) -> str:
 
 
 def cmd_train(args) -> int:
-    from .launch import train
+    from .launch import train, train_sync
 
+    if args.sync:
+        return train_sync(_config(args), quiet=args.quiet)
     return train(_config(args), metrics_port=args.metrics_port, quiet=args.quiet, resume=args.resume)
 
 
@@ -138,6 +140,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--env", choices=["sokoban", "alfworld", "webshop"])
     p.add_argument("--metrics-port", type=int, help="learner metrics port; actors get the next ports (0 = any)")
     p.add_argument("--resume", action="store_true", help="continue the run in OUT from its last checkpoint")
+    p.add_argument("--sync", action="store_true",
+                   help="the lockstep baseline in one process (generate, train, sync weights), no actors")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_train)
 
@@ -179,7 +183,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--vocab", type=int, default=1024)
-    p.add_argument("--warmup-steps", type=int, default=200, help="format warm-up steps (0 = none)")
+    p.add_argument("--warmup-steps", type=int, default=150, help="format warm-up steps (0 = none)")
     p.add_argument("--warmup-episodes", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--if-missing", action="store_true", help="do nothing when OUT_DIR already holds a model")

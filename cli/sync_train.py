@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from himac.actor.backend import TransformersBackend
-from himac.actor.collect import collect_group, pool_size
+from himac.actor.collect import collect_group, first_run_tasks, pool_size
 from himac.actor.envs import make_env
 from himac.actor.envs.pool import EnvPool
 from himac.actor.main import build_rollout
@@ -27,8 +27,15 @@ from himac.protocol import TrajectoryGroup
 from himac.protocol.config import RunConfig
 
 
-def sync_train(cfg: RunConfig, model_path: str, quiet: bool = False, env_latency_s: float = 0.0) -> list[dict]:
-    """Lockstep training; returns the metrics rows (also written to OUT/metrics.jsonl)."""
+def sync_train(cfg: RunConfig, model_path: str, quiet: bool = False, eval_every: int = 0,
+               eval_tasks: list[str] | None = None, eval_temperature: float = 1.0) -> list[dict]:
+    """Lockstep training; returns the metrics rows (also written to OUT/metrics.jsonl).
+
+    ``eval_every`` K > 0: after every K-th step, play ``eval_tasks`` once each with the current policy
+    (same rollout code, ``eval_temperature``) and log ``eval_success_rate`` / ``eval_reward_mean``: a
+    curve measured the same way for every algorithm (training success is not: HiMAC's micro groups
+    replay the best probe's plan). Evaluation episodes do not count in ``env_episodes``.
+    """
     from tqdm import tqdm
 
     lc = cfg.learner
@@ -42,11 +49,12 @@ def sync_train(cfg: RunConfig, model_path: str, quiet: bool = False, env_latency
     receiver = WeightReceiver(backend)
     publisher = DiskPublisher(out / "weights", model_path)
     pool = EnvPool(cfg.env, pool_size(cfg.algo))
-    rollout = build_rollout(cfg, backend, pool)
-    if env_latency_s:
-        rollout.pool = _SlowPool(pool, env_latency_s)
+    # the same reset prefetch as an actor's, so the async comparison isolates asynchrony
+    spare = EnvPool(cfg.env, pool_size(cfg.algo)) if cfg.env.workers and cfg.env.prefetch_reset else None
+    rollout = build_rollout(cfg, backend, pool, spare)
     task_env = make_env(cfg.env)
     rng = random.Random(lc.seed)
+    next_task = None
     rows: list[dict] = []
     t_start = time.time()
     gen_total = train_total = sync_total = 0.0
@@ -65,10 +73,14 @@ def sync_train(cfg: RunConfig, model_path: str, quiet: bool = False, env_latency
         for step in tqdm(range(lc.steps), desc="sync train", unit="step", disable=quiet, dynamic_ncols=True):
             phase = phase_at(step, cfg.algo)
             t0 = time.perf_counter()
-            groups = []
+            groups, collected = [], []
             for i in range(lc.batch_groups):
-                task = task_env.sample_task(cfg.env.split, rng)
-                c = collect_group(rollout, cfg.algo, cfg.rollout, phase, task)
+                task = next_task or task_env.sample_task(cfg.env.split, rng)
+                next_task = task_env.sample_task(cfg.env.split, rng)
+                c = collect_group(rollout, cfg.algo, cfg.rollout, phase, task,
+                                  prefetch_next=first_run_tasks(cfg.algo, phase_at(step + (i + 1) // lc.batch_groups,
+                                                                                   cfg.algo), next_task))
+                collected.append(c)
                 groups.append(TrajectoryGroup(
                     group_id=f"sync.{step}.{i}", actor_id="sync", incarnation="0", policy_version=step, phase=phase,
                     level=c.level, algo=cfg.algo.name, env=cfg.env.name, task_id=task,
@@ -77,7 +89,7 @@ def sync_train(cfg: RunConfig, model_path: str, quiet: bool = False, env_latency
             batch = build_batch(groups, cfg.algo, lc.loss_agg)
             stats = engine.train_step(batch.samples, clip_eps=lc.clip_eps, objective=lc.objective,
                                       cap=lc.behav_imp_weight_cap, entropy_coef=lc.entropy_coef,
-                                      micro_batch_seqs=lc.micro_batch_seqs)
+                                      micro_batch_seqs=lc.micro_batch_seqs, minibatches=lc.minibatches, epochs=lc.epochs)
             t2 = time.perf_counter()
             sync_seconds = sync(step + 1, phase_at(step + 1, cfg.algo))
             gen_total += t1 - t0
@@ -86,10 +98,14 @@ def sync_train(cfg: RunConfig, model_path: str, quiet: bool = False, env_latency
             row = {"step": step + 1, "policy_version": step + 1, "phase": phase, "loss": stats.loss,
                    "grad_norm": stats.grad_norm, **batch.stats, "staleness_mean": 0.0, "staleness_max": 0,
                    "actor_ids": ["sync"], "kl": stats.kl, "entropy": stats.entropy,
+                   "env_episodes": sum(len({id(r) for r in (*c.runs, *c.probes)}) for c in collected),
+                   "updates": stats.updates,
                    "step_seconds": t2 - t1, "generate_seconds": t1 - t0, "sync_seconds": sync_seconds,
                    "idle_seconds": (t1 - t0) + sync_seconds,  # the trainer waits for generation and sync
                    "idle_fraction": (gen_total + sync_total) / max(1e-9, gen_total + train_total + sync_total),
                    "seconds": time.time() - t_start, "time": time.time()}
+            if eval_every and eval_tasks and (step + 1) % eval_every == 0:
+                row.update(_evaluate(rollout, cfg, eval_tasks, eval_temperature, pool_size(cfg.algo)))
             rows.append(row)
             with open(metrics_file, "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -98,24 +114,17 @@ def sync_train(cfg: RunConfig, model_path: str, quiet: bool = False, env_latency
         backend.tokenizer.save_pretrained(model_dir)
     finally:
         pool.close()
+        if spare is not None:
+            spare.close()
         task_env.close()
         receiver.close()
     return rows
 
 
-class _SlowPool:
-    """Adds a fixed latency to every env reset and step (the bench's knob for slow envs like ALFWorld)."""
-
-    def __init__(self, pool, latency_s: float):
-        self.pool, self.latency_s = pool, latency_s
-
-    def reset(self, task_ids):
-        time.sleep(self.latency_s)
-        return self.pool.reset(task_ids)
-
-    def step(self, actions):
-        time.sleep(self.latency_s)
-        return self.pool.step(actions)
-
-    def close(self):
-        self.pool.close()
+def _evaluate(rollout, cfg: RunConfig, tasks: list[str], temperature: float, batch: int) -> dict:
+    mode = "hier" if cfg.algo.name == "himac" else "flat"
+    runs = []
+    for i in range(0, len(tasks), batch):
+        runs += rollout.run(tasks[i:i + batch], mode, temperature=temperature, plan_temperature=temperature)
+    return {"eval_success_rate": sum(r.won for r in runs) / len(runs),
+            "eval_reward_mean": sum(r.reward for r in runs) / len(runs), "eval_episodes": len(runs)}

@@ -35,6 +35,7 @@ class Sample:
     mask: np.ndarray  # float32 [response]: 1 where this token takes gradient
     temperature: float
     weight: float = 1.0  # loss weight of each of its tokens (episode-mean: 1 / the episode's trained tokens)
+    prox_logp: np.ndarray | None = None  # the policy before this batch's first update (several updates per batch)
 
     @property
     def n_tokens(self) -> int:

@@ -69,6 +69,7 @@ class StepStats:
     ratio_mean: float
     kl: float
     entropy: float
+    updates: int = 1  # optimiser steps taken on this batch
 
 
 class PolicyEngine:
@@ -113,7 +114,7 @@ class PolicyEngine:
         order = sorted(samples, key=lambda s: len(s.input_ids))  # similar lengths: less padding
         return [order[i:i + seqs] for i in range(0, len(order), seqs)]
 
-    def _forward(self, mb: list[Sample]):
+    def _forward(self, mb: list[Sample], need_ref: bool = True):
         """Per generated-token logprobs (and entropy) of a micro-batch, right-padded."""
         L = max(len(s.input_ids) for s in mb)
         R = max(len(s.input_ids) - s.prompt_len for s in mb)
@@ -133,6 +134,8 @@ class PolicyEngine:
             fields["adv"][i, :r] = torch.from_numpy(s.adv)
             fields["mask"][i, :r] = torch.from_numpy(s.mask)
             fields["weight"][i, :r] = s.weight
+            if s.prox_logp is not None:
+                fields.setdefault("prox", torch.zeros((len(mb), R)))[i, :r] = torch.from_numpy(s.prox_logp)
         temps = torch.tensor([s.temperature for s in mb])
         dev = self.engine.device
         ids, attn, gather_idx, resp = ids.to(dev), attn.to(dev), gather_idx.to(dev), resp.to(dev)
@@ -144,14 +147,56 @@ class PolicyEngine:
         with torch.no_grad():
             ent = token_entropy(logits.detach(), temps.to(dev))
             ref_logp = None
-            if self.ref is not None:
+            if self.ref is not None and need_ref:
                 ref_logits = self.ref(input_ids=ids, attention_mask=attn).logits
                 ref_logits = ref_logits.gather(1, hidden_idx.expand(-1, -1, ref_logits.size(-1)))
                 ref_logp = token_logprobs(ref_logits, resp, temps.to(dev))
         return logp, ent, ref_logp, fields
 
     def train_step(self, samples: list[Sample], *, clip_eps: float, objective: str, cap: float, entropy_coef: float,
-                   micro_batch_seqs: int) -> StepStats:
+                   micro_batch_seqs: int, minibatches: int = 1, epochs: int = 1) -> StepStats:
+        """Learn from one batch: ``epochs`` passes, each split into ``minibatches`` optimiser steps.
+
+        With more than one update per batch, the decoupled objective's proximal policy is the policy
+        *before* this batch's first update (one no-grad pass), so later updates are clipped against
+        it - the trust region PPO epochs need. One update (the default) needs no extra pass.
+        """
+        if objective == "decoupled" and minibatches * epochs > 1:
+            for s, lp in zip(samples, self.logprobs(samples, micro_batch_seqs)):
+                s.prox_logp = lp
+        # the same split on every rank: each rank then takes its shard of each minibatch
+        order = sorted(range(len(samples)), key=lambda i: (i * 7919) % max(1, len(samples)))
+        parts = [[samples[i] for i in order[k::minibatches]] for k in range(minibatches)]
+        stats = []
+        for _ in range(epochs):
+            for mb in parts:
+                if mb:
+                    stats.append(self._update(mb, clip_eps=clip_eps, objective=objective, cap=cap,
+                                              entropy_coef=entropy_coef, micro_batch_seqs=micro_batch_seqs))
+        for s in samples:
+            s.prox_logp = None
+        first, last = stats[0], stats[-1]
+        # the first update saw the batch as it came: its loss, ratio and KL describe the data; the rest are means
+        return StepStats(loss=first.loss, grad_norm=float(np.mean([s.grad_norm for s in stats])),
+                         skipped=any(s.skipped for s in stats), tokens=sum(s.tokens for s in stats[:len(parts)]),
+                         clip_fraction=float(np.mean([s.clip_fraction for s in stats])),
+                         capped_fraction=first.capped_fraction, ratio_mean=last.ratio_mean, kl=first.kl,
+                         entropy=first.entropy, updates=len(stats))
+
+    @torch.no_grad()
+    def logprobs(self, samples: list[Sample], micro_batch_seqs: int) -> list[np.ndarray]:
+        """Current-policy logprobs of each sample's generated tokens (every rank computes all: cheap)."""
+        out: dict[int, np.ndarray] = {}
+        index = {id(s): i for i, s in enumerate(samples)}
+        for mb in self._micro_batches(samples, micro_batch_seqs):
+            logp, _, _, _ = self._forward(mb, need_ref=False)
+            for j, s in enumerate(mb):
+                out[index[id(s)]] = logp[j, :len(s.behav_logp)].float().cpu().numpy()
+        return [out[i] for i in range(len(samples))]
+
+    def _update(self, samples: list[Sample], *, clip_eps: float, objective: str, cap: float, entropy_coef: float,
+                micro_batch_seqs: int) -> StepStats:
+        """One optimiser step on ``samples`` (the same list on every rank)."""
         total_tokens = sum(s.n_tokens for s in samples)  # the whole batch, identical on every rank
         total_weight = sum(s.weight * s.n_tokens for s in samples)  # token-mean: tokens; episode-mean: episodes
         mine = self._shard(samples)
@@ -166,8 +211,8 @@ class PolicyEngine:
         for i, mb in enumerate(batches):
             logp, ent, ref_logp, f = self._forward(mb)
             parts = policy_loss(logp, f["behav"], f["adv"], f["mask"], denom, clip_eps=clip_eps, objective=objective,
-                                cap=cap, ref_logp=ref_logp, kl_beta=self.kl_beta, entropy=ent,
-                                entropy_coef=entropy_coef, token_weight=f["weight"])
+                                cap=cap, prox_logp=f.get("prox"), ref_logp=ref_logp, kl_beta=self.kl_beta,
+                                entropy=ent, entropy_coef=entropy_coef, token_weight=f["weight"])
             if not torch.isfinite(parts.loss):
                 finite = False
             self.engine.set_gradient_accumulation_boundary(i == len(batches) - 1)

@@ -175,8 +175,9 @@ def run_learner(cfg: RunConfig, model_path: str, out_dir: str, resume: bool = Fa
             if stop.is_set() and len(groups) < lc.batch_groups:
                 payload = None
             else:
-                t1 = time.perf_counter()
+                tb = time.perf_counter()
                 batch = build_batch(groups, algo, lc.loss_agg)
+                batch_seconds = time.perf_counter() - tb
                 payload = (batch, groups)
         if engine.world > 1:
             box = [None if payload is None else payload[0]]
@@ -190,7 +191,7 @@ def run_learner(cfg: RunConfig, model_path: str, out_dir: str, resume: bool = Fa
         t1 = time.perf_counter()
         stats = engine.train_step(batch.samples, clip_eps=lc.clip_eps, objective=lc.objective,
                                   cap=lc.behav_imp_weight_cap, entropy_coef=lc.entropy_coef,
-                                  micro_batch_seqs=lc.micro_batch_seqs)
+                                  micro_batch_seqs=lc.micro_batch_seqs, minibatches=lc.minibatches, epochs=lc.epochs)
         step_seconds = time.perf_counter() - t1
         # 4. new version, maybe a new phase
         prev_phase = phase
@@ -202,7 +203,7 @@ def run_learner(cfg: RunConfig, model_path: str, out_dir: str, resume: bool = Fa
             if lc.checkpoint_every and step % lc.checkpoint_every == 0:
                 ckpt.save(engine, step, {})
             continue
-        busy = time.perf_counter() - t1
+        busy = time.perf_counter() - t1 + batch_seconds
         idle_total += idle
         busy_total += busy
         server.set_state(version, phase)
@@ -216,13 +217,13 @@ def run_learner(cfg: RunConfig, model_path: str, out_dir: str, resume: bool = Fa
         # 5. record
         row = {
             "step": step, "policy_version": version, "phase": prev_phase, "next_phase": phase,
-            "loss": stats.loss, "grad_norm": stats.grad_norm, "skipped": stats.skipped,
+            "loss": stats.loss, "grad_norm": stats.grad_norm, "updates": stats.updates, "skipped": stats.skipped,
             **batch.stats,
             "staleness_mean": float(np.mean(staleness)), "staleness_max": int(max(staleness)),
             "actor_ids": sorted({g.actor_id for g in groups}),
             "kl": stats.kl, "entropy": stats.entropy, "clip_fraction": stats.clip_fraction,
             "capped_fraction": stats.capped_fraction, "ratio_mean": stats.ratio_mean,
-            "step_seconds": step_seconds, "idle_seconds": idle, "idle_fraction": idle_total / max(1e-9, idle_total + busy_total),
+            "step_seconds": step_seconds, "batch_seconds": batch_seconds, "busy_seconds": busy, "idle_seconds": idle, "idle_fraction": idle_total / max(1e-9, idle_total + busy_total),
             "seconds": time.time() - t_start, "time": time.time(),
         }
         append_jsonl(metrics_file, row)

@@ -206,7 +206,8 @@ class LearnerServer:
         return ""
 
     def _window(self) -> int:
-        return 0 if len(self.queue) >= self.cfg.queue_max_groups else self.cfg.credits_per_actor
+        limit = self.cfg.queue_max_groups or self.cfg.batch_groups * max(1, self.cfg.max_staleness)
+        return 0 if len(self.queue) >= limit else self.cfg.credits_per_actor
 
     def _run(self) -> None:
         poller = zmq.Poller()

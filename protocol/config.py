@@ -154,8 +154,8 @@ class LearnerConfig(_Section):
     pub_port: Port = 5556  # PUB: weight announcements
     weights_port: Port = 0  # ROUTER serving weight bytes (weights_transport: zmq); 0 = any free port
     device: str = "cpu"  # "cuda" under a GPU launcher (each rank uses its LOCAL_RANK device)
-    steps: PosInt = 30
-    batch_groups: PosInt = 4  # groups consumed per optimiser step
+    steps: PosInt = 20  # learner steps (one batch, one policy version each)
+    batch_groups: PosInt = 2  # groups consumed per learner step
     lr: PosFloat = 3e-4  # for the tiny CPU model; real checkpoints want ~1e-6 (verl-agent)
     weight_decay: NonNegFloat = 0.0
     clip_eps: PosFloat = 0.2
@@ -170,8 +170,14 @@ class LearnerConfig(_Section):
     loss_agg: Literal["token-mean", "episode-mean"] = "token-mean"
     max_staleness: NonNegInt = 4  # groups older than this many versions are dropped
     micro_batch_seqs: PosInt = 64  # sequences per forward/backward chunk
+    # optimiser steps per batch: `epochs` passes over it, each split into `minibatches` (verl's ppo_epochs /
+    # ppo_mini_batch); the policy version still advances once per batch
+    minibatches: PosInt = 1
+    epochs: PosInt = 1
     credits_per_actor: PosInt = 2
-    queue_max_groups: PosInt = 64
+    # accepted-but-untrained groups before actors get no credit; 0 = batch_groups * max(1, max_staleness):
+    # deeper than that, a queued group is past the staleness bound by the time it is trained
+    queue_max_groups: NonNegInt = 0
     checkpoint_every: NonNegInt = 10  # learner steps; 0 = only at the end
     keep_checkpoints: PosInt = 2
     save_model_every: NonNegInt = 0  # save_pretrained every N steps; 0 = only at the end
@@ -210,7 +216,7 @@ class ActorConfig(_Section):
     device: str = "cpu"
     threads: NonNegInt = 1  # torch intra-op threads for the transformers backend (0 = torch default)
     heartbeat_s: PosFloat = 2.0
-    reconnect_max_s: PosFloat = 10.0  # longest back-off between hellos while the learner is away
+    reconnect_max_s: PosFloat = 2.0  # longest back-off between reconnects / hellos while the learner is away
     learner_timeout_s: PosFloat = 10.0  # no reply for this long: the learner is gone, reconnect
     resend_after_s: PosFloat = 60.0  # resend a group still un-acked after this long
     weights_timeout_s: PosFloat = 300.0  # a weight transfer slower than this fails; the old version stays
