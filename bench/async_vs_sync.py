@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -57,6 +56,7 @@ import msgspec
 
 from himac.cli.launch import free_port, read_rows, role_cmd
 from himac.protocol.config import RunConfig, config_to_dict, dump_config, load_config
+from common import machine_facts  # noqa: E402 (bench/ is the script's folder)
 
 # (step latency s, reset latency s): fast env, a slow-ish one, ALFWorld-like resets (0.7-2.5 s)
 DEFAULT_SWEEP = [(0.0, 0.0), (0.02, 0.5), (0.05, 1.0), (0.1, 2.0)]
@@ -74,21 +74,8 @@ SHORT = {"prefetch": "no prefetch", "workers": "no env workers", "staleness0": "
 
 # ------------------------------------------------------------------------------------------ facts
 def machine() -> dict:
-    cpu = ""
-    mem = ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemTotal"):
-                mem = f"{int(line.split()[1]) / 2**20:.0f} GiB"
-                break
-    except OSError:
-        pass
-    facts = {"nproc": os.cpu_count(), "cpu": cpu or platform.processor(), "mem": mem,
-             "python": platform.python_version(), "loadavg_start": os.getloadavg()}
+    base = machine_facts()
+    facts = {**base, "mem": f"{base['mem_gib']:.0f} GiB" if base["mem_gib"] else "", "loadavg_start": base["loadavg"]}
     for mod in ("torch", "deepspeed", "transformers"):
         try:
             facts[mod] = __import__(mod).__version__

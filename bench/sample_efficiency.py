@@ -34,12 +34,12 @@ import argparse
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+from common import machine_facts  # noqa: E402 (bench/ is the script's folder)
 
 ALGOS = ("himac", "grpo", "gigpo")
 LABELS = {"himac": "HiMAC", "grpo": "GRPO", "gigpo": "GiGPO"}
@@ -134,19 +134,13 @@ def machine() -> dict[str, Any]:
     import torch
     import transformers
 
-    cpu, mem = "", None
-    try:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "")
-        mem = next((int(ln.split()[1]) / 2**20 for ln in open("/proc/meminfo") if ln.startswith("MemTotal")), None)
-    except OSError:
-        pass
+    base = machine_facts()
     try:
         rev = _git("rev-parse", "--short", "HEAD")
         dirty = bool(_git("status", "--porcelain"))
     except OSError:
         rev, dirty = "", False
-    return {"nproc": os.cpu_count(), "cpu": cpu or platform.processor(), "mem_gib": round(mem, 1) if mem else None,
-            "loadavg_start": list(os.getloadavg()), "python": platform.python_version(), "torch": torch.__version__,
+    return {**base, "loadavg_start": list(base["loadavg"]), "torch": torch.__version__,
             "transformers": transformers.__version__, "cuda": torch.cuda.is_available(),
             "git": rev + ("-dirty" if dirty else "")}
 

@@ -32,7 +32,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import platform
 import statistics
 import threading
 import time
@@ -45,6 +44,7 @@ import zmq
 from himac.protocol import Episode, TrajectoryGroup, decode, encode
 from himac.protocol.arrays import pack
 from himac.protocol.messages import DTYPES, LEVEL_CONTEXT, LEVEL_EXECUTOR, LEVEL_PLANNER
+from common import machine_facts  # noqa: E402 (bench/ is the script's folder)
 
 ARRAY_FIELDS = tuple(DTYPES)  # the packed fields of an Episode, in a fixed order
 GB = 1e9
@@ -304,16 +304,7 @@ def bench_zmq(g: TrajectoryGroup, transport: str, n: int, sender: str = "thread"
 
 # ---------------------------------------------------------------------------------------- report
 def machine() -> dict:
-    cpu = ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"nproc": os.cpu_count(), "cpu": cpu or platform.processor(), "python": platform.python_version(),
-            "msgspec": msgspec.__version__, "pyzmq": zmq.__version__, "libzmq": zmq.zmq_version()}
+    return {**machine_facts(), "msgspec": msgspec.__version__, "pyzmq": zmq.__version__, "libzmq": zmq.zmq_version()}
 
 
 MALLOC_VARIANTS = {

@@ -13,7 +13,6 @@ import copy
 import logging
 import math
 import os
-import socket
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,13 +47,13 @@ def init_distributed(device: str) -> tuple[int, int]:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        if "RANK" not in os.environ:  # a plain `himac learner`: a group of one
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
-        deepspeed.init_distributed(dist_backend="nccl" if device.startswith("cuda") else "gloo", verbose=False)
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        if "RANK" not in os.environ:
+            # A plain `himac learner`: a group of one on an in-memory store, so it binds no port and
+            # cannot collide with a MASTER_PORT some parent process left in the environment.
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine reads it for the device
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -18,6 +18,9 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "hima
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -46,8 +49,21 @@ def himac_cmd(*args: str) -> list[str]:
 
 
 def start(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
-    e = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=e, start_new_session=True)
+    # a child is its own process group unless a test says otherwise: in-process engines in this
+    # pytest may have set torch.distributed variables that must not leak into it
+    inherited = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    e = {**inherited, "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=e, start_new_session=True)
+    proc.log_path = log  # so a failure can show what the process said
+    return proc
+
+
+def log_tail(proc, lines: int = 40) -> str:
+    path = getattr(proc, "log_path", None)
+    if path is None or not Path(path).exists():
+        return ""
+    text = Path(path).read_text(errors="replace").splitlines()[-lines:]
+    return f"\n--- last lines of {path} ---\n" + "\n".join(text)
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.2, procs=()):
@@ -58,6 +74,6 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.2, procs=
             return value
         for p in procs:
             if p.poll() not in (None, 0):
-                raise AssertionError(f"a process exited with {p.returncode} while waiting for {what}")
+                raise AssertionError(f"a process exited with {p.returncode} while waiting for {what}" + log_tail(p))
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}" + "".join(log_tail(p, 20) for p in procs))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from himac.actor.backend import tensors_digest
 from himac.learner.batch import Sample

@@ -8,7 +8,6 @@ import signal
 import time
 from pathlib import Path
 
-import pytest
 from conftest import free_port, himac_cmd, start, wait_for
 
 GRPO_SMALL = """

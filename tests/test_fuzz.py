@@ -12,7 +12,6 @@ import time
 import urllib.request
 
 import msgspec
-import pytest
 import zmq
 from conftest import free_port, himac_cmd, start, wait_for
 from prometheus_client.parser import text_string_to_metric_families

@@ -12,7 +12,6 @@ import threading
 import types
 from pathlib import Path
 
-import torch
 from conftest import free_port, himac_cmd, start, wait_for
 
 from himac.protocol.config import load_config

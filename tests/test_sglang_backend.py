@@ -9,7 +9,6 @@ that plays the engine's side of SGLang's weight-update group.
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
