@@ -54,9 +54,9 @@ from pathlib import Path
 
 import msgspec
 
-from himac.cli.launch import free_port, read_rows, role_cmd
+from himac.cli.launch import free_port, read_rows, role_cmd, stop_process_groups
 from himac.protocol.config import RunConfig, config_to_dict, dump_config, load_config
-from common import machine_facts  # noqa: E402 (bench/ is the script's folder)
+from common import machine_facts, write_json  # noqa: E402 (bench/ is the script's folder)
 
 # (step latency s, reset latency s): fast env, a slow-ish one, ALFWorld-like resets (0.7-2.5 s)
 DEFAULT_SWEEP = [(0.0, 0.0), (0.02, 0.5), (0.05, 1.0), (0.1, 2.0)]
@@ -293,15 +293,7 @@ def run_async(cfg: RunConfig, learner_threads: int, actor_threads: int, scrape_e
             pass
     finally:
         scraper.done.set()
-        for _, p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for _, p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+        stop_process_groups(p for _, p in procs)
         for log in logs:
             log.close()
     rows = read_rows(metrics_file)[:steps]
@@ -681,8 +673,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = {"machine": m, "args": vars(args), "base_config": config_to_dict(base), "points": results,
            "summary": [summary_line(p) for p in results]}
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1, default=str)
+        write_json(args.json, out)
     return out
 
 

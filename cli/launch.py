@@ -71,6 +71,21 @@ def train_sync(cfg: RunConfig, quiet: bool = False) -> int:
     return 0
 
 
+def stop_process_groups(procs, grace_s: float = 20.0) -> None:
+    """SIGTERM every still-running process group (each role was started in its own session), give them
+    `grace_s` to checkpoint and exit, then SIGKILL what is left and reap it."""
+    procs = list(procs)
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
 def train(cfg: RunConfig, metrics_port: int | None = None, quiet: bool = False, resume: bool = False) -> int:
     from tqdm import tqdm
 
@@ -131,14 +146,7 @@ def train(cfg: RunConfig, metrics_port: int | None = None, quiet: bool = False, 
         print(f"himac: {e}", file=sys.stderr)
         rc = 1
     finally:
-        for _, p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for _, p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+        stop_process_groups(p for _, p in procs)
     if rc != 0:
         print(f"himac: the learner exited with {rc}; see {out / 'logs' / 'learner.log'}", file=sys.stderr)
         return rc
