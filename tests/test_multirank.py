@@ -10,14 +10,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import free_port
+from conftest import DIST_VARS, free_port
 
 HELPER = Path(__file__).parent / "helpers" / "ds_one_step.py"
 
 
 def one_step(model: str, out: Path, ranks: int, stage: int) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("RANK", None)
+    # torchrun sets the ranks' variables itself: none may leak in from this pytest
+    env = {**{k: v for k, v in os.environ.items() if k not in DIST_VARS}, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
            str(free_port()), str(HELPER), model, str(out), str(stage)]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
@@ -61,10 +61,9 @@ env: {{sokoban: {{max_steps: 5}}}}
 learner: {{port: {port}, pub_port: {free_port()}, steps: 3, batch_groups: 2, checkpoint_every: 2}}
 actor: {{learner: "tcp://127.0.0.1:{port}"}}
 """)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     learner = start([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                      str(free_port()), "-m", "himac.cli.main", "learner", "--config", str(cfg), "--quiet"],
-                    tmp_path / "learner.log", env)
+                    tmp_path / "learner.log")  # start() keeps torch.distributed variables out of the child
     actor = start(himac_cmd("actor", "--config", str(cfg), "--actor-id", "a0"), tmp_path / "actor.log")
     try:
         wait_for(lambda: learner.poll() is not None, 300, "the 2-rank learner to finish", procs=[actor])
