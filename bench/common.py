@@ -1,8 +1,10 @@
 """What every bench prints about the machine it ran on (figures are only comparable on one machine)."""
 from __future__ import annotations
 
+import json
 import os
 import platform
+from pathlib import Path
 
 
 def machine_facts() -> dict:
@@ -17,3 +19,9 @@ def machine_facts() -> dict:
         pass
     return {"nproc": os.cpu_count(), "cpu": cpu or platform.processor(), "mem_gib": mem_gib,
             "python": platform.python_version(), "loadavg": os.getloadavg()}
+
+
+def write_json(path: str, figures: dict) -> None:
+    """`--json FILE` of every bench: the raw figures, anything not JSON-native as its str()."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(figures, indent=1, default=str))

@@ -39,7 +39,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
-from common import machine_facts  # noqa: E402 (bench/ is the script's folder)
+from common import machine_facts, write_json  # noqa: E402 (bench/ is the script's folder)
 
 ALGOS = ("himac", "grpo", "gigpo")
 LABELS = {"himac": "HiMAC", "grpo": "GRPO", "gigpo": "GiGPO"}
@@ -629,8 +629,7 @@ def main(argv=None) -> dict[str, Any]:
            "raw": {f"{a}-s{s}": {k: r[k] for k in ("success_all", "episodes", "phase")} for (a, s), r in runs.items()},
            "seconds": round(time.time() - t_start, 1)}
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(clean(res), indent=1, default=str))
+        write_json(args.json, clean(res))
         print(f"wrote {args.json}")
     return res
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import multiprocessing as mp
 import os
 import shutil
@@ -36,7 +35,7 @@ import statistics
 import tempfile
 import threading
 import time
-from common import machine_facts  # noqa: E402 (bench/ is the script's folder)
+from common import machine_facts, write_json  # noqa: E402 (bench/ is the script's folder)
 
 GB = 1e9
 
@@ -320,8 +319,7 @@ def main(argv: list[str] | None = None) -> dict:
     res["machine"] = m
     res["summary"] = report(res)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+        write_json(args.json, res)
     return res
 
 

@@ -44,7 +44,7 @@ import zmq
 from himac.protocol import Episode, TrajectoryGroup, decode, encode
 from himac.protocol.arrays import pack
 from himac.protocol.messages import DTYPES, LEVEL_CONTEXT, LEVEL_EXECUTOR, LEVEL_PLANNER
-from common import machine_facts  # noqa: E402 (bench/ is the script's folder)
+from common import machine_facts, write_json  # noqa: E402 (bench/ is the script's folder)
 
 ARRAY_FIELDS = tuple(DTYPES)  # the packed fields of an Episode, in a fixed order
 GB = 1e9
@@ -375,8 +375,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.malloc_compare:
         out = {"machine": machine(), "malloc": malloc_compare(args)}
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(out, f, indent=1)
+            write_json(args.json, out)
         return out
     say = (lambda *a, **k: None) if args.quiet else print
 
@@ -443,8 +442,7 @@ def main(argv: list[str] | None = None) -> dict:
     say(summary)
     out["summary"] = summary
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        write_json(args.json, out)
     return out
 
 
